@@ -1,0 +1,1 @@
+"""Fused Triton kernels for denoising steps and K-step noise extrapolation (each beside its torch reference)."""

@@ -1,0 +1,42 @@
+"""latentwire: the repository root *is* the ``latentwire`` package.
+
+The top-level folders ``kernels/``, ``protocol/``, ``scheduler/`` and ``pipelines/`` are installed
+as ``latentwire.kernels`` and so on, never under their bare names (``kernels`` is Hugging Face's
+kernel-hub package on PyPI; the others are taken too). ``tests/`` and ``bench/`` are not installed.
+
+torch is deliberately listed without a pin: ``make`` installs ``torch==2.13.0`` (a CPU build on
+this project's machines) *before* this package, so pip finds the requirement satisfied and never
+pulls a multi-GB CUDA build. On a GPU machine install the torch you want first, then ``pip install .``.
+"""
+from setuptools import setup
+
+SUBPACKAGES = ["kernels", "protocol", "scheduler", "pipelines"]
+
+setup(
+    name="latentwire",
+    version="0.1.0",
+    description="Edge-cloud collaborative diffusion inference: latent handoff kernels and wire protocol",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["latentwire"] + [f"latentwire.{name}" for name in SUBPACKAGES],
+    package_dir={"latentwire": "."},
+    package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"]},
+    install_requires=[
+        "torch>=2.1",
+        "triton",
+        "diffusers",
+        "transformers",
+        "numpy",
+        "zstandard>=0.22",  # decompress(allow_extra_data=...) arrived in 0.22
+        "msgpack>=1.0",
+        "pyzmq",
+        "xxhash>=3.0",  # XXH3-64 payload checksum (protocol/SPEC.md)
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        # Anchors the benchmarks compare against; not needed to use latentwire.
+        "bench": ["pytest-benchmark", "safetensors", "blosc2", "zfpy"],
+    },
+    entry_points={"console_scripts": ["latentwire = latentwire.cli:main"]},
+)
