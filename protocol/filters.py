@@ -24,11 +24,11 @@ SAMPLE_ROWS = 8
 
 def shuffle(raw, itemsize):
     """Bytes (uint8, length n*itemsize) -> byte planes, plane k holding byte k of every value."""
-    return np.ascontiguousarray(raw.reshape(-1, itemsize).T).reshape(-1)
+    return raw.reshape(-1, itemsize).T.copy().reshape(-1)  # copy(): always a new C-order array
 
 
 def unshuffle(planes, itemsize):
-    return np.ascontiguousarray(planes.reshape(itemsize, -1).T).reshape(-1)
+    return planes.reshape(itemsize, -1).T.copy().reshape(-1)
 
 
 def lorenzo_encode(q):

@@ -140,15 +140,18 @@ def _field(d, key, kind, where="header"):
 
 
 def check_meta(value, where="meta", depth=0):
-    """Meta values are msgpack natives: None, bool, int, float, str, bytes, lists and str-keyed maps."""
-    if depth > MAX_META_DEPTH:
-        raise ProtocolError(f"{where}: nested deeper than {MAX_META_DEPTH}")
-    if isinstance(value, dict):
+    """Meta values are msgpack natives: None, bool, int, float, str, bytes, lists and str-keyed maps.
+
+    ``depth`` counts containers below the meta map itself; at most MAX_META_DEPTH.
+    """
+    if depth > MAX_META_DEPTH and type(value) in (dict, list, tuple):
+        raise ProtocolError(f"{where}: containers nested deeper than {MAX_META_DEPTH}")
+    if type(value) is dict:
         for k, v in value.items():
             if not isinstance(k, str):
                 raise ProtocolError(f"{where}: keys must be str, got {type(k).__name__} {k!r}")
             check_meta(v, f"{where}[{k!r}]", depth + 1)
-    elif isinstance(value, (list, tuple)):
+    elif type(value) in (list, tuple):  # exact types: msgpack's ExtType is a tuple subclass
         for i, v in enumerate(value):
             check_meta(v, f"{where}[{i}]", depth + 1)
     elif not isinstance(value, META_TYPES):

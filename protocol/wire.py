@@ -233,23 +233,11 @@ def _as_f32_numpy(t, name):
 
 def decode(frames, *, reference=None, limits: Limits = DEFAULT_LIMITS, device=None):
     """Decode frames made by ``encode`` -> the tensor, with its original shape and dtype."""
-    msg = decode_message(frames, limits=limits, device=device,
-                         references=None if reference is None else _SingleReference(reference))
+    msg = _decode(frames, lambda name: reference, limits, device)
     if len(msg.tensors) != 1:
         raise ProtocolError(f"decode expects a one-tensor message, got {len(msg.tensors)} tensors: "
                             "use decode_message")
     return next(iter(msg.tensors.values()))
-
-
-class _SingleReference(dict):
-    """Lets ``decode(reference=...)`` serve whatever name the single tensor has."""
-
-    def __init__(self, tensor):
-        super().__init__()
-        self.tensor = tensor
-
-    def get(self, key, default=None):
-        return self.tensor
 
 
 def decode_message(frames, *, references=None, limits: Limits = DEFAULT_LIMITS, device=None):
@@ -261,6 +249,10 @@ def decode_message(frames, *, references=None, limits: Limits = DEFAULT_LIMITS, 
     device: where the tensors go (default CPU); int codecs dequantize there, after the 1-byte symbols move.
     Raises ProtocolError on any malformed input, never anything else.
     """
+    return _decode(frames, (references or {}).get, limits, device)
+
+
+def _decode(frames, reference_for, limits, device):
     if not isinstance(frames, (list, tuple)):
         raise ProtocolError(f"frames must be a list of bytes-like frames, got {type(frames).__name__}")
     if not frames:
@@ -269,10 +261,9 @@ def decode_message(frames, *, references=None, limits: Limits = DEFAULT_LIMITS, 
     if len(frames) != 1 + len(entries):
         raise ProtocolError(f"message has {len(frames)} frames, but its header lists {len(entries)} tensors: "
                             f"expected {len(entries) + 1} frames (truncated or mixed-up message)")
-    references = references or {}
     out = {}
     for i, entry in enumerate(entries):
-        out[entry.name] = _decode_tensor(entry, _buffer(frames[i + 1], i + 1), references.get(entry.name), device)
+        out[entry.name] = _decode_tensor(entry, _buffer(frames[i + 1], i + 1), reference_for(entry.name), device)
     return Message(out, meta)
 
 
@@ -326,10 +317,8 @@ def _decode_float(h, raw):
     arr = np.frombuffer(raw, np.uint8)
     if h.filter == filters.SHUFFLE:
         arr = filters.unshuffle(arr, wire.itemsize)  # a new, writable array
-    elif not memoryview(raw).readonly and arr.ctypes.data % wire.itemsize == 0:
-        pass  # zero-copy: the tensor aliases the frame
-    else:
-        arr = arr.copy()
+    elif not (arr.flags.writeable and arr.ctypes.data % wire.itemsize == 0):
+        arr = arr.copy()  # torch tensors must be writable and aligned; otherwise the tensor aliases the frame
     t = torch.from_numpy(arr.view(wire)).reshape(h.shape)
     return t.view(torch.bfloat16) if h.codec == "bf16" else t
 
