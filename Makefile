@@ -14,19 +14,20 @@ install: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70.1"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[dev,bench]"
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(VENV)/bin/pytest tests
 
 demo: $(STAMP)
 	$(VENV)/bin/latentwire codecs
 
 # Benchmarks are not part of `make test`; bench/README.md says which command made each table.
 bench: $(STAMP)
-	$(PY) -m pytest bench --benchmark-only --benchmark-columns=min,median,mean,rounds
+	$(VENV)/bin/pytest bench --benchmark-only --benchmark-columns=min,median,mean,rounds
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -47,6 +47,12 @@ def latent(shape, content):
     return samples.mixture(shape, samples.STEPS[content], 0)
 
 
+def shape_label(shape):
+    """'SD1.5 (1, 4, 64, 64)' for a shape of SHAPES, else the tuple."""
+    name = next((k for k, v in SHAPES.items() if v == tuple(shape)), None)
+    return f"{name} {tuple(shape)}" if name else str(tuple(shape))
+
+
 def content_label(content):
     return f"x_t {content} (t={samples.STEPS[content]})" if content in samples.STEPS else content
 

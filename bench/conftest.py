@@ -37,12 +37,15 @@ def shape(request):
 
 @pytest.fixture
 def time_it(benchmark):
-    """time_it(group, fn, *args) -> fn(*args), timed over rounds_for(args[0]) rounds, one warm-up."""
+    """time_it(group, x, fn, *args, **kwargs) -> fn(*args, **kwargs), timed over rounds_for(x) rounds.
 
-    def run(group, fn, *args, size=None):
+    x is the latent being moved (it sets the rounds); one warm-up round, then the median is what counts.
+    """
+
+    def run(group, x, fn, *args, **kwargs):
         benchmark.group = group
-        rounds = rounds_for(size if size is not None else args[0])
-        return benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=1, iterations=1)
+        rounds = rounds_for(x)
+        return benchmark.pedantic(fn, args=args, kwargs=kwargs, rounds=rounds, warmup_rounds=1, iterations=1)
 
     return run
 

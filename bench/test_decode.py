@@ -24,15 +24,15 @@ def _frombytes(raw, shape):
                          ids=lambda v: str(v))
 def test_decode(shape, content, codec, level, time_it, record):
     x = cases.latent(shape, content)
-    group = f"decode {shape} {content}"
+    group = f"decode {cases.shape_label(shape)} {content}"
     if codec == "frombytes":
         raw = x.numpy().tobytes()
-        y = time_it(group, _frombytes, raw, shape, size=x)
+        y = time_it(group, x, _frombytes, raw, shape)
         if not torch.equal(x, y):
             raise AssertionError("frombytes baseline did not give the latent back")
         record(x, wire_bytes=len(raw), rmse=0.0, baseline=True)
         return
     frames = [bytes(f) for f in encode(x, codec, level)]
-    y = time_it(group, decode, frames, size=x)
+    y = time_it(group, x, decode, frames)
     cases.check_decoded(x, y, codec)
     record(x, wire_bytes=sum(map(len, frames)), rmse=cases.rmse(x, y))

@@ -23,14 +23,14 @@ def _tobytes(x):
                          ids=lambda v: str(v))
 def test_encode(shape, content, codec, level, time_it, record):
     x = cases.latent(shape, content)
-    group = f"encode {shape} {content}"
+    group = f"encode {cases.shape_label(shape)} {content}"
     if codec == "tobytes":
-        raw = time_it(group, _tobytes, x)
+        raw = time_it(group, x, _tobytes, x)
         if raw != x.numpy().tobytes():
             raise AssertionError("tobytes baseline did not return the latent's bytes")
         record(x, wire_bytes=len(raw), rmse=0.0, baseline=True)
         return
-    frames = time_it(group, encode, x, codec, level)
+    frames = time_it(group, x, encode, x, codec, level)
     y = decode([bytes(f) for f in frames])
     cases.check_decoded(x, y, codec)
     record(x, wire_bytes=wire_bytes(frames), rmse=cases.rmse(x, y))

@@ -1,0 +1,94 @@
+"""The installed package: latentwire.* only, never the bare names other PyPI projects own."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TAKEN = {"kernels", "protocol", "scheduler", "pipelines", "tests", "bench"}
+
+
+def _top_levels(paths):
+    return {Path(p).parts[0] for p in paths}
+
+
+def test_subpackages_import_under_latentwire():
+    import latentwire
+    import latentwire.kernels
+    import latentwire.pipelines
+    import latentwire.protocol
+    import latentwire.scheduler
+
+    assert latentwire.protocol.encode and latentwire.__version__
+
+
+def _outside_checkout(code, tmp_path):
+    """Run ``code`` in this interpreter from a folder outside the checkout (a cwd on sys.path would
+    let ``import kernels`` find the repository's folder, which is not what an installed user sees)."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    return json.loads(out)
+
+
+def test_bare_names_do_not_import_from_the_installed_package(tmp_path):
+    found = _outside_checkout(
+        "import importlib.util, json; print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) "
+        "for n in ('kernels', 'protocol', 'scheduler', 'pipelines')}))", tmp_path)
+    for name, origin in found.items():
+        assert origin is None or str(REPO) not in origin, (name, origin)
+
+
+def test_installed_distribution_files_are_all_under_latentwire(tmp_path):
+    files = _outside_checkout(
+        "import importlib.metadata as m, json; print(json.dumps([str(f) for f in m.distribution('latentwire').files]))",
+        tmp_path)
+    assert files, "latentwire is not installed"
+    assert not _top_levels(files) & TAKEN, files
+
+
+@pytest.fixture(scope="module")
+def target_install(tmp_path_factory):
+    """A real (non-editable) install of a copy of this checkout into an empty folder."""
+    src = tmp_path_factory.mktemp("src") / "latentwire"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__"))
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(src)], check=True, timeout=300,
+                   env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    return target
+
+
+def test_a_real_install_holds_only_latentwire(target_install):
+    assert _top_levels(p.relative_to(target_install) for p in target_install.iterdir()) & TAKEN == set()
+    (dist_info,) = target_install.glob("latentwire-*.dist-info")
+    assert (dist_info / "top_level.txt").read_text().split() == ["latentwire"]
+    record = [line.split(",")[0] for line in (dist_info / "RECORD").read_text().splitlines()]
+    scripts = [r for r in record if r.startswith("..")]
+    assert all(r.endswith("bin/latentwire") for r in scripts), scripts  # the console command
+    tops = _top_levels(r for r in record if r not in scripts)
+    assert tops == {"latentwire", dist_info.name}, tops
+    assert {"latentwire/protocol/wire.py", "latentwire/kernels/__init__.py", "latentwire/protocol/SPEC.md",
+            "latentwire/protocol/vectors.json", "latentwire/cli.py"} <= set(record)
+    assert not any(r.startswith(("latentwire/tests/", "latentwire/bench/")) or r == "latentwire/setup.py"
+                   for r in record)
+
+
+def _cli():
+    return str(Path(sys.executable).with_name("latentwire"))
+
+
+def test_command_line_help():
+    out = subprocess.run([_cli(), "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "codecs" in out and "edge" in out
+
+
+def test_codecs_demo_prints_every_codec():
+    out = subprocess.run([_cli(), "codecs", "--shape", "1", "4", "8", "8", "--level", "0", "3"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    for codec in ("fp32", "fp16", "bf16", "int8", "int4"):
+        assert f"  {codec} " in out
+    assert "x_t early" in out and "bits/value" in out
