@@ -11,6 +11,7 @@
   turns ~7 bits of symbol entropy into ~3. Decoding is two running sums, modulo 2^8.
 """
 import numpy as np
+import torch
 
 NONE, SHUFFLE, LORENZO = 0, 1, 2
 NAMES = {"none": NONE, "shuffle": SHUFFLE, "lorenzo": LORENZO}
@@ -24,35 +25,58 @@ SAMPLE_ROWS = 8
 
 def shuffle(raw, itemsize):
     """Bytes (uint8, length n*itemsize) -> byte planes, plane k holding byte k of every value."""
-    return raw.reshape(-1, itemsize).T.copy().reshape(-1)  # copy(): always a new C-order array
+    # Shifts on the whole word are ~10x faster here than numpy's strided byte transpose.
+    words = raw.view(_WORD[itemsize])
+    n = words.size
+    out = np.empty(n * itemsize, np.uint8)
+    for k in range(itemsize):
+        np.right_shift(words, 8 * k, out=out[k * n:(k + 1) * n], casting="unsafe")
+    return out
 
 
 def unshuffle(planes, itemsize):
-    return planes.reshape(itemsize, -1).T.copy().reshape(-1)
+    """Byte planes -> the interleaved bytes (a new, writable uint8 array)."""
+    n = planes.size // itemsize
+    words = planes[(itemsize - 1) * n:].astype(_WORD[itemsize])
+    for k in range(itemsize - 2, -1, -1):
+        words <<= 8
+        words |= planes[k * n:(k + 1) * n]
+    return words.view(np.uint8)
+
+
+_WORD = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
 def lorenzo_encode(q):
     """uint8 (..., H, W) -> uint8 residuals (wrapping arithmetic is the modulo)."""
-    r = np.diff(q, axis=-1, prepend=np.uint8(0))
-    return np.diff(r, axis=-2, prepend=np.uint8(0))
+    d = q.copy()
+    d[..., 1:] -= q[..., :-1]
+    r = d.copy()
+    r[..., 1:, :] -= d[..., :-1, :]
+    return r
 
 
 def lorenzo_decode(r):
     """Inverse of ``lorenzo_encode``: running sums over H then W, in uint8 (mod 256)."""
-    q = np.cumsum(r, axis=-2, dtype=np.uint8)
-    return np.cumsum(q, axis=-1, dtype=np.uint8, out=q)
+    # torch's uint8 cumsum runs ~3x faster than numpy's on this kind of machine (bench/README.md).
+    t = torch.from_numpy(r if r.flags.writeable else r.copy())  # torch wants writable memory
+    t = torch.cumsum(t, -2, dtype=torch.uint8)
+    return torch.cumsum(t, -1, dtype=torch.uint8).numpy()
 
 
 def lorenzo_pays(q, levels):
     """Whether the Lorenzo filter is expected to shrink these symbols (uint8, (..., H, W))."""
     if q.ndim < 3 or q.shape[-1] < 2 or q.shape[-2] < 2 or q.size == 0:
         return False
-    sample = q[..., : SAMPLE_ROWS, :].astype(np.int16)
-    r = lorenzo_encode(sample.astype(np.uint8)).astype(np.int16)
-    modulus = 256 if levels == 255 else 16
-    r = (r % modulus + modulus // 2) % modulus - modulus // 2  # back to a signed residual
-    spread = np.abs(sample - sample.mean()).mean()
-    return bool(np.abs(r).mean() < LORENZO_GAIN * spread)
+    sample = q[..., :SAMPLE_ROWS, :]
+    r = lorenzo_encode(sample)
+    if levels == 255:
+        resid = np.abs(r.view(np.int8), dtype=np.int16)  # the int8 view is the residual modulo 256, signed
+    else:
+        r &= 0x0F
+        resid = np.minimum(r, 16 - r)
+    spread = np.abs(sample - np.float32(sample.mean()), dtype=np.float32)
+    return bool(resid.mean() < LORENZO_GAIN * spread.mean())
 
 
 def can_lorenzo(shape):

@@ -70,15 +70,14 @@ def steps_for(lo, hi, levels):
 
 def quantize(x3, lo, step, levels):
     """Symbols (uint8, shape of x3) of float32 (B, C, M) ``x3`` given float32-representable lo/step per channel."""
-    lo32 = lo.astype(np.float32)[None, :, None]
     step32 = step.astype(np.float32)
-    inv = np.divide(1.0, step32, out=np.zeros_like(step32), where=step32 > 0)[None, :, None]
-    # floor(y + 1/2) with y >= 0 is the truncating cast of y + 1/2; the clip only matters when a
-    # value lies outside [lo, lo + L*step] (residual coding checks that before calling).
-    y = np.subtract(x3, lo32)
-    y *= inv
-    y += np.float32(0.5)
-    np.clip(y, 0, levels, out=y)
+    inv = np.divide(1.0, step32, out=np.zeros_like(step32), where=step32 > 0)
+    # (x - lo) * inv + 1/2 as x * inv + (1/2 - lo * inv): one pass fewer, and the truncating cast
+    # of a value >= 0 is the floor. Every x lies in [lo, lo + L*step] (the caller's ranges), so y
+    # stays within [0, L + 1) up to float32 rounding; the clip guards that rounding near 0.
+    y = np.multiply(x3, inv[None, :, None])
+    y += (np.float32(0.5) - lo.astype(np.float32) * inv)[None, :, None]
+    np.maximum(y, 0, out=y)
     return y.astype(np.uint8)
 
 

@@ -132,6 +132,8 @@ def _encode_tensor(name, x, codec, level, reference, filter_mode):
         raise ProtocolError(f"{where}: unknown codec {codec!r}; choose one of {tuple(FLOAT_CODECS) + tuple(INT_CODECS)}")
     if type(level) is not int or not 0 <= level <= MAX_ZSTD_LEVEL:
         raise ProtocolError(f"{where}: zstd level must be an int in 0..{MAX_ZSTD_LEVEL} (0 = off), got {level!r}")
+    if level == 0 and filter_mode in ("shuffle", "lorenzo"):
+        raise ProtocolError(f"{where}: the {filter_mode} filter only helps zstd; give a zstd level > 0")
     shape = tuple(x.shape)
     x = x.detach()
     extra = {}

@@ -231,6 +231,8 @@ def test_encode_refuses_unknown_codecs_and_filters():
         encode(torch.zeros(1, 1, 3, 3), "int8", filter="shuffle")
     with pytest.raises(ProtocolError, match="for int codecs"):
         encode(torch.zeros(1, 1, 3, 3), "fp16", filter="lorenzo")
+    with pytest.raises(ProtocolError, match="only helps zstd"):
+        encode(torch.zeros(1, 1, 3, 3), "int8", 0, filter="lorenzo")
     with pytest.raises(ProtocolError, match="not among the tensors"):
         encode_message({"a": torch.zeros(2)}, codecs={"b": "fp16"})
 
