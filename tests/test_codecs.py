@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from latentwire.protocol import DEFAULT_LIMITS, ProtocolError, decode, encode, wire_bytes
-from latentwire.protocol import quant
+from latentwire.protocol import quant, wire
 from latentwire.protocol.header import CODECS, unpack_header
 from latentwire.protocol.samples import noise, smooth
 
@@ -166,10 +166,21 @@ def test_int4_packs_two_values_a_byte():
     assert quant.pack_nibbles(np.array([1, 2], np.uint8)).tolist() == [0x21]
 
 
-def test_decode_to_a_device_uses_the_torch_path():
-    x = _latent((1, 4, 6, 6))
-    frames = encode(x, "int8")
-    np.testing.assert_allclose(decode(frames, device="cpu").numpy(), decode(frames).numpy(), rtol=2 * EPS32)
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_accelerator_path_end_to_end(monkeypatch, codec, residual):
+    """What a CUDA tensor goes through (torch ops on its device), run here on CPU tensors."""
+    x, ref = _latent((2, 4, 6, 6)), _latent((2, 4, 6, 6), seed=1)
+    x = x + 0.5 * ref
+    kwargs = {"reference": ref} if residual else {}
+    cpu_frames = encode(x, codec, 3, **kwargs)
+    expected = decode(cpu_frames, **kwargs)
+    monkeypatch.setattr(wire, "_numpy_path", lambda device: False)
+    frames = encode(x, codec, 3, **kwargs)
+    assert unpack_header(frames[0], DEFAULT_LIMITS)[0][0].reference == header(cpu_frames).reference
+    assert_within_quant_bound(x, decode(frames, **kwargs), frames)
+    np.testing.assert_allclose(decode(cpu_frames, device="cpu", **kwargs).numpy(), expected.numpy(),
+                               rtol=4 * EPS32, atol=4 * EPS32 * x.abs().max().item())
 
 
 def test_writable_frames_decode_without_a_copy():
