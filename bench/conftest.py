@@ -76,7 +76,7 @@ def pytest_terminal_summary(terminalreporter):
     if not _rows:
         return
     write = terminalreporter.write_line
-    terminalreporter.section("latentwire: GB/s = float32 bytes / median time; x base = ratio to the baseline")
+    terminalreporter.section("GB/s = float32 bytes / median time; N.NNx = GB/s over the group's baseline")
     groups = {}
     for group, name, info in _rows:
         groups.setdefault(group, []).append((name, info))
@@ -85,8 +85,8 @@ def pytest_terminal_summary(terminalreporter):
         write(f"{group}")
         for name, info in rows:
             gbs = info.get("GB/s")
-            ratio = f"{gbs / base:6.2f}x" if gbs and base else "       "
+            ratio = f"{gbs / base:6.2f}x" if gbs and base else " " * 7
             bits = f"{info['bits/value']:7.3f} bits/value" if "bits/value" in info else " " * 18
             err = f"RMSE {info['rmse']:.2e}" if "rmse" in info else ""
             speed = f"{gbs:8.3f} GB/s" if gbs is not None else " " * 13
-            write(f"  {name:52} {speed} {ratio} base  {bits}  {err}")
+            write(f"  {name:52} {speed} {ratio}  {bits}  {err}")

@@ -2,7 +2,7 @@
 
 Run from the repository root (the README's tables were made by the first line):
 
-    .venv/bin/python bench/report.py                 # all four latent shapes, ~3 minutes on 2 cores
+    .venv/bin/python bench/report.py                 # all four latent shapes (prints its run time)
     .venv/bin/python bench/report.py --quick         # SD1.5 and SDXL only
     .venv/bin/python bench/report.py --json out.json # also every measured row, for plotting
 
@@ -203,15 +203,17 @@ def beats_all(r, anchor_rows):
 
 
 def best(lw, anchor_rows):
-    """latentwire's best row at a level: fewest dominating anchors, then fewest bytes."""
+    """latentwire's best row at a level: fewest dominating anchors, then one that beats all, then fewest bytes."""
     return min(lw, key=lambda r: (len(dominators(r, anchor_rows)), not beats_all(r, anchor_rows), r.wire_bytes))
 
 
 # ------------------------------------------------------------------------------------------------
 # printing
 
-def table(headers, body):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+def table(headers, body, left=1):
+    """A markdown table; the first ``left`` columns are text (left-aligned), the rest figures."""
+    rule = "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"
+    lines = ["| " + " | ".join(headers) + " |", rule]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
 
@@ -240,7 +242,7 @@ def print_pareto_summary(results, shapes):
                 else:
                     cells.append(f"{r.name}: **dominated** by " + ", ".join(a.name for a in dom))
             body.append(cells)
-    print(table(["shape", "content"] + list(ERROR_LEVELS), body))
+    print(table(["shape", "content"] + list(ERROR_LEVELS), body, left=2 + len(ERROR_LEVELS)))
     print()
     return verdicts
 
@@ -291,7 +293,7 @@ def print_smooth_bits(results, shapes):
                 cells += [f"{plain.bits:.3f}", f"{auto.bits:.3f}", f"{saving:+.1%}"]
             body.append(cells)
     print(table(["shape", "content", "RMSE", "z1 none", "z1 auto", "z1 saving", "z3 none", "z3 auto", "z3 saving"],
-                body))
+                body, left=2))
     print()
     return min(smooth_savings)
 
@@ -362,7 +364,7 @@ def print_overhead():
             worst[level] = max(worst.get(level, 0), share)
             body.append([cases.content_label(content), f"z{level}", header, zmtp_framing(frames), payload,
                          f"{share:.2%}"])
-    print(table(["content", "zstd", "header bytes", "framing bytes", "payload bytes", "overhead"], body))
+    print(table(["content", "zstd", "header bytes", "framing bytes", "payload bytes", "overhead"], body, left=2))
     print()
     return worst
 
@@ -463,7 +465,7 @@ def main(argv=None):
     overhead = print_overhead()
     residual_x = print_residual(shapes)
     print_targets(verdicts, smooth_saving, rd_gaps, speed, overhead, residual_x)
-    print(f"<!-- measured in {time.perf_counter() - started:.0f} s -->")
+    print(f"<!-- measured and printed in {time.perf_counter() - started:.0f} s -->")
     if args.json:
         rows = [dict(asdict(r), bits=r.bits, encode_gbs=r.gbs(r.encode_s), decode_gbs=r.gbs(r.decode_s))
                 for by_content in results.values() for rs in by_content.values() for r in rs]

@@ -28,8 +28,7 @@ def test_decode(shape, content, codec, level, time_it, record):
     if codec == "frombytes":
         raw = x.numpy().tobytes()
         y = time_it(group, x, _frombytes, raw, shape)
-        if not torch.equal(x, y):
-            raise AssertionError("frombytes baseline did not give the latent back")
+        assert torch.equal(x, y), "frombytes baseline did not give the latent back"
         record(x, wire_bytes=len(raw), rmse=0.0, baseline=True)
         return
     frames = [bytes(f) for f in encode(x, codec, level)]

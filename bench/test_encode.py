@@ -26,8 +26,7 @@ def test_encode(shape, content, codec, level, time_it, record):
     group = f"encode {cases.shape_label(shape)} {content}"
     if codec == "tobytes":
         raw = time_it(group, x, _tobytes, x)
-        if raw != x.numpy().tobytes():
-            raise AssertionError("tobytes baseline did not return the latent's bytes")
+        assert raw == x.numpy().tobytes(), "tobytes baseline did not return the latent's bytes"
         record(x, wire_bytes=len(raw), rmse=0.0, baseline=True)
         return
     frames = time_it(group, x, encode, x, codec, level)

@@ -1,9 +1,9 @@
 """Benchmark: int8 ``encode`` of x_t with the receiver's reference x_T (residual coding) vs without.
 
 x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, and the receiver already holds eps = x_T (it has the
-seed). Both rows of a group encode the same tensor at the same quantization step, so their error
-is the same by construction; the plain row is the baseline, and extra_info has bytes both ways.
-The timed frames must decode (with the reference) within int8's bound.
+seed). Both rows of a group encode the same tensor at the same quantization step, so both keep
+|error| <= step/2 (extra_info has each RMSE); the plain row is the baseline, and extra_info has
+bytes both ways. The timed frames must decode (with the reference) within int8's bound.
 """
 import pytest
 
