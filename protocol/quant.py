@@ -71,13 +71,15 @@ def steps_for(lo, hi, levels):
 def quantize(x3, lo, step, levels):
     """Symbols (uint8, shape of x3) of float32 (B, C, M) ``x3`` given float32-representable lo/step per channel."""
     step32 = step.astype(np.float32)
-    inv = np.divide(1.0, step32, out=np.zeros_like(step32), where=step32 > 0)
-    # (x - lo) * inv + 1/2 as x * inv + (1/2 - lo * inv): one pass fewer, and the truncating cast
-    # of a value >= 0 is the floor. Every x lies in [lo, lo + L*step] (the caller's ranges), so y
-    # stays within [0, L + 1) up to float32 rounding; the clip guards that rounding near 0.
-    y = np.multiply(x3, inv[None, :, None])
-    y += (np.float32(0.5) - lo.astype(np.float32) * inv)[None, :, None]
-    np.maximum(y, 0, out=y)
+    inv = np.divide(1.0, step32, out=np.zeros_like(step32), where=step32 > 0)[None, :, None]
+    # floor((x - lo) * inv + 1/2) is the truncating cast for values >= 0. Subtracting lo first keeps
+    # the product small and exact enough when a channel's offset dwarfs its range (x ~ 1e5 + 0.01 z);
+    # folding lo into an offset term loses whole steps there. The clip keeps float32 rounding (and a
+    # residual that exceeds the plain range by rounding) from wrapping past L in the uint8 cast.
+    y = np.subtract(x3, lo.astype(np.float32)[None, :, None])
+    y *= inv
+    y += np.float32(0.5)
+    np.clip(y, 0, levels, out=y)
     return y.astype(np.uint8)
 
 
