@@ -1,4 +1,6 @@
 """The header frame: plain typed values, packed to and validated from msgpack (layout in SPEC.md)."""
+import math
+import struct
 from dataclasses import dataclass
 from math import prod
 
@@ -43,14 +45,16 @@ class TensorHeader:
     quant: bytes = b""  # [q] int codecs: float32 LE lo[0..C) then step[0..C)
     reference: int = None  # [r] residual coding: XXH3-64 of the reference's float32 LE bytes
     beta: bytes = b""  # [b] residual coding: float32 LE beta[0..C)
+    plane_bytes: tuple = ()  # [zl] shuffle + zstd: byte length of each plane's zstd frame
 
     @property
     def numel(self):
         return prod(self.shape)
 
     def lo_step(self):
-        c = channels(self.shape)
+        """(lo, step), float32 arrays of C values each."""
         v = np.frombuffer(self.quant, "<f4")
+        c = v.size // 2
         return v[:c], v[c:]
 
     def to_wire(self):
@@ -61,6 +65,8 @@ class TensorHeader:
         if self.reference is not None:
             d["r"] = self.reference
             d["b"] = self.beta
+        if self.plane_bytes:
+            d["zl"] = list(self.plane_bytes)
         return d
 
     @classmethod
@@ -103,8 +109,8 @@ class TensorHeader:
             quant = _field(d, "q", bytes, where)
             if len(quant) != 8 * c:
                 raise ProtocolError(f"{where}: 'q' holds {len(quant)} bytes, expected {8 * c} for {c} channels")
-            lo, step = np.frombuffer(quant, "<f4")[:c], np.frombuffer(quant, "<f4")[c:]
-            if not (np.isfinite(lo).all() and np.isfinite(step).all() and (step >= 0).all()):
+            values = struct.unpack(f"<{2 * c}f", quant)  # a few channels: cheaper than numpy here
+            if not all(map(math.isfinite, values)) or min(values[c:], default=0.0) < 0:
                 raise ProtocolError(f"{where}: quantization lo/step must be finite with step >= 0")
         elif "q" in d:
             raise ProtocolError(f"{where}: codec {codec!r} takes no quantization parameters 'q'")
@@ -114,9 +120,18 @@ class TensorHeader:
                 raise ProtocolError(f"{where}: residual coding needs an int codec, not {codec!r}")
             reference = _field(d, "r", int, where)
             beta = _field(d, "b", bytes, where)
-            if len(beta) != 4 * c or not np.isfinite(np.frombuffer(beta, "<f4")).all():
+            if len(beta) != 4 * c or not all(map(math.isfinite, struct.unpack(f"<{len(beta) // 4}f", beta))):
                 raise ProtocolError(f"{where}: 'b' must hold {c} finite float32 values")
-        extra = set(d) - {"n", "c", "d", "s", "f", "z", "p", "k", "q", "r", "b"}
+        plane_bytes = ()
+        if codec in FLOAT_CODECS and filt == filters.SHUFFLE and zstd:
+            plane_bytes = tuple(_field(d, "zl", list, where))
+            if len(plane_bytes) != FLOAT_CODECS[codec] or not all(
+                    type(n) is int and n >= 0 for n in plane_bytes) or sum(plane_bytes) != payload_bytes:
+                raise ProtocolError(f"{where}: 'zl' must list {FLOAT_CODECS[codec]} plane lengths adding up to "
+                                    f"the payload's {payload_bytes} bytes, got {plane_bytes}")
+        elif "zl" in d:
+            raise ProtocolError(f"{where}: 'zl' goes only with a shuffled float codec under zstd")
+        extra = set(d) - {"n", "c", "d", "s", "f", "z", "p", "k", "q", "r", "b", "zl"}
         if extra:
             raise ProtocolError(f"{where}: unknown keys {sorted(extra)} (a newer wire version?)")
         if not zstd and payload_bytes != raw_bytes(codec, prod(shape)):
@@ -124,7 +139,8 @@ class TensorHeader:
                 f"{where}: payload of {payload_bytes} bytes disagrees with shape {shape} and codec {codec!r} "
                 f"({raw_bytes(codec, prod(shape))} bytes)"
             )
-        return cls(name, codec, dtype, shape, filt, zstd, payload_bytes, checksum, quant, reference, beta)
+        return cls(name, codec, dtype, shape, filt, zstd, payload_bytes, checksum, quant, reference, beta,
+                   plane_bytes)
 
 
 def _field(d, key, kind, where="header"):

@@ -148,7 +148,12 @@ def _encode_tensor(name, x, codec, level, reference, filter_mode):
         raw = wire.numpy().reshape(-1).view(np.uint8)
         filt = filters.NONE
         if level and raw.size and filter_mode in ("auto", "shuffle"):
-            raw, filt = filters.shuffle(raw, FLOAT_CODECS[codec]), filters.SHUFFLE
+            planes = [_compressor(level).compress(p) for p in filters.shuffle(raw, FLOAT_CODECS[codec])]
+            payload = b"".join(planes)
+            entry = TensorHeader(name=name, codec=codec, dtype=_DTYPE_NAMES[x.dtype], shape=shape,
+                                 filter=filters.SHUFFLE, zstd=True, payload_bytes=len(payload),
+                                 checksum=checksum(payload), plane_bytes=tuple(len(p) for p in planes))
+            return entry, payload
     else:
         if filter_mode == "shuffle":
             raise ProtocolError(f"{where}: the shuffle filter is for float codecs; int codecs take 'lorenzo'")
@@ -295,8 +300,12 @@ def _decode_tensor(h: TensorHeader, payload, reference, device):
     if checksum(payload) != h.checksum:
         raise ProtocolError(f"{where}: payload checksum mismatch (corrupted in transit)")
     n = h.numel
-    size = raw_bytes(h.codec, n)
-    raw = _inflate(payload, size, where) if h.zstd else payload
+    if h.plane_bytes:  # shuffle + zstd: one zstd frame a byte plane, back to back
+        ends = np.cumsum(h.plane_bytes).tolist()
+        raw = [np.frombuffer(_inflate(payload[end - size:end], n, where), np.uint8)
+               for size, end in zip(h.plane_bytes, ends)]
+    else:
+        raw = _inflate(payload, raw_bytes(h.codec, n), where) if h.zstd else payload
     if h.codec in FLOAT_CODECS:
         t = _decode_float(h, raw)
     else:
@@ -321,12 +330,15 @@ def _inflate(payload, size, where):
 
 
 def _decode_float(h, raw):
+    """raw: the payload bytes, or (shuffle + zstd) the list of inflated byte planes."""
     wire = _WIRE_NUMPY[h.codec]
-    arr = np.frombuffer(raw, np.uint8)
     if h.filter == filters.SHUFFLE:
-        arr = filters.unshuffle(arr, wire.itemsize)  # a new, writable array
-    elif not (arr.flags.writeable and arr.ctypes.data % wire.itemsize == 0):
-        arr = arr.copy()  # torch tensors must be writable and aligned; otherwise the tensor aliases the frame
+        planes = raw if isinstance(raw, list) else filters.split_planes(np.frombuffer(raw, np.uint8), wire.itemsize)
+        arr = filters.unshuffle(planes, wire.itemsize)  # a new, writable array
+    else:
+        arr = np.frombuffer(raw, np.uint8)
+        if not (arr.flags.writeable and arr.ctypes.data % wire.itemsize == 0):
+            arr = arr.copy()  # torch tensors must be writable and aligned; otherwise the tensor aliases the frame
     t = torch.from_numpy(arr.view(wire)).reshape(h.shape)
     return t.view(torch.bfloat16) if h.codec == "bf16" else t
 
@@ -353,7 +365,7 @@ def _decode_int(h, raw, reference, device, where):
         if fingerprint(reference) != h.reference:
             raise ProtocolError(f"{where}: the reference given does not match the one it was coded against "
                                 f"({fingerprint(reference):016x} != {h.reference:016x})")
-    on_cpu = _numpy_path(torch.device("cpu") if device is None else torch.device(device))
+    on_cpu = device is None or _numpy_path(torch.device(device))
     beta = np.frombuffer(h.beta, "<f4") if h.reference is not None else None
     if on_cpu:
         x3 = quant.dequantize(sym.reshape(b, c, m), lo, step)

@@ -68,10 +68,25 @@ def test_bad_headers(frames, match):
     ({"z": 1}, b"\0", "'z' must be bool"),
     ({"n": 3}, b"\0", "'n' must be str"),
     ({"c": "fp32", "s": [1], "q": ..., "r": 1, "b": b"\0" * 4}, b"\0\0\0\0", "residual coding needs an int codec"),
+    ({"c": "fp16", "s": [1], "q": ..., "f": 1, "z": True}, b"\0", "missing key 'zl'"),
+    ({"c": "fp16", "s": [1], "q": ..., "f": 1, "z": True, "zl": [1]}, b"\0", "'zl' must list 2"),
+    ({"c": "fp16", "s": [1], "q": ..., "f": 1, "z": True, "zl": [1, 1]}, b"\0", "adding up"),
+    ({"c": "fp16", "s": [1], "q": ..., "f": 1, "z": True, "zl": [1, -1, 1]}, b"\0", "'zl' must list"),
+    ({"zl": [1]}, b"\0", "'zl' goes only"),
 ])
 def test_bad_tensor_entries(entry, payload, match):
     with pytest.raises(ProtocolError, match=match):
         decode(forge(entry, payload))
+
+
+def test_shuffled_planes_must_each_inflate_to_one_plane():
+    planes = [zstandard.ZstdCompressor().compress(bytes(3)), zstandard.ZstdCompressor().compress(bytes(4))]
+    payload = b"".join(planes)
+    entry = {"c": "fp16", "s": [3], "q": ..., "f": 1, "z": True, "zl": [len(p) for p in planes]}
+    with pytest.raises(ProtocolError, match="declares 4 bytes, the header implies 3"):
+        decode(forge(entry, payload))
+    ok = [zstandard.ZstdCompressor().compress(bytes(3))] * 2
+    assert decode(forge({**entry, "zl": [len(p) for p in ok]}, b"".join(ok))).tolist() == [0.0] * 3
 
 
 def test_frame_count_must_match_the_header():
