@@ -134,43 +134,50 @@ def _encode_tensor(name, x, codec, level, reference, filter_mode):
         raise ProtocolError(f"{where}: zstd level must be an int in 0..{MAX_ZSTD_LEVEL} (0 = off), got {level!r}")
     if level == 0 and filter_mode in ("shuffle", "lorenzo"):
         raise ProtocolError(f"{where}: the {filter_mode} filter only helps zstd; give a zstd level > 0")
-    shape = tuple(x.shape)
     x = x.detach()
-    extra = {}
     if codec in FLOAT_CODECS:
-        if reference is not None:
-            raise ProtocolError(f"{where}: residual coding needs an int codec ('int8', 'int4'), not {codec!r}")
-        if filter_mode == "lorenzo":
-            raise ProtocolError(f"{where}: the lorenzo filter is for int codecs; float codecs take 'shuffle'")
-        wire = x.to(_CODEC_TORCH[codec]).contiguous().cpu()
-        if codec == "bf16":
-            wire = wire.view(torch.int16)
-        raw = wire.numpy().reshape(-1).view(np.uint8)
-        filt = filters.NONE
-        if level and raw.size and filter_mode in ("auto", "shuffle"):
-            planes = [_compressor(level).compress(p) for p in filters.shuffle(raw, FLOAT_CODECS[codec])]
-            payload = b"".join(planes)
-            entry = TensorHeader(name=name, codec=codec, dtype=_DTYPE_NAMES[x.dtype], shape=shape,
-                                 filter=filters.SHUFFLE, zstd=True, payload_bytes=len(payload),
-                                 checksum=checksum(payload), plane_bytes=tuple(len(p) for p in planes))
-            return entry, payload
+        filt, payload, extra = _encode_float(where, x, codec, level, reference, filter_mode)
     else:
-        if filter_mode == "shuffle":
-            raise ProtocolError(f"{where}: the shuffle filter is for float codecs; int codecs take 'lorenzo'")
-        if filter_mode == "lorenzo" and not filters.can_lorenzo(shape):
-            raise ProtocolError(f"{where}: the lorenzo filter needs rank >= 3 (..., H, W), got shape {shape}")
-        sym, extra = _quantize(name, x, codec, reference)
-        sym = sym.reshape(shape)
-        filt = filters.NONE
-        if level and filters.can_lorenzo(shape) and (
-                filter_mode == "lorenzo" or (filter_mode == "auto" and filters.lorenzo_pays(sym, INT_CODECS[codec]))):
-            sym, filt = filters.lorenzo_encode(sym), filters.LORENZO
-        sym = sym.reshape(-1)
-        raw = quant.pack_nibbles(sym & 0x0F) if codec == "int4" else sym
-    payload = _compressor(level).compress(raw) if level else memoryview(raw)
-    entry = TensorHeader(name=name, codec=codec, dtype=_DTYPE_NAMES[x.dtype], shape=shape, filter=filt,
+        filt, payload, extra = _encode_int(name, x, codec, level, reference, filter_mode)
+    entry = TensorHeader(name=name, codec=codec, dtype=_DTYPE_NAMES[x.dtype], shape=tuple(x.shape), filter=filt,
                          zstd=bool(level), payload_bytes=len(payload), checksum=checksum(payload), **extra)
     return entry, payload
+
+
+def _encode_float(where, x, codec, level, reference, filter_mode):
+    """-> (filter, payload, header fields) for fp32/fp16/bf16."""
+    if reference is not None:
+        raise ProtocolError(f"{where}: residual coding needs an int codec ('int8', 'int4'), not {codec!r}")
+    if filter_mode == "lorenzo":
+        raise ProtocolError(f"{where}: the lorenzo filter is for int codecs; float codecs take 'shuffle'")
+    wire = x.to(_CODEC_TORCH[codec]).contiguous().cpu()
+    if codec == "bf16":
+        wire = wire.view(torch.int16)
+    raw = wire.numpy().reshape(-1).view(np.uint8)
+    if not level:
+        return filters.NONE, memoryview(raw), {}  # zero-copy when x already was a contiguous CPU tensor
+    if raw.size and filter_mode in ("auto", "shuffle"):
+        planes = [_compressor(level).compress(p) for p in filters.shuffle(raw, FLOAT_CODECS[codec])]
+        return filters.SHUFFLE, b"".join(planes), {"plane_bytes": tuple(len(p) for p in planes)}
+    return filters.NONE, _compressor(level).compress(raw), {}
+
+
+def _encode_int(name, x, codec, level, reference, filter_mode):
+    """-> (filter, payload, header fields) for int8/int4."""
+    shape = tuple(x.shape)
+    if filter_mode == "shuffle":
+        raise ProtocolError(f"tensor {name!r}: the shuffle filter is for float codecs; int codecs take 'lorenzo'")
+    if filter_mode == "lorenzo" and not filters.can_lorenzo(shape):
+        raise ProtocolError(f"tensor {name!r}: the lorenzo filter needs rank >= 3 (..., H, W), got shape {shape}")
+    sym, extra = _quantize(name, x, codec, reference)
+    sym = sym.reshape(shape)
+    filt = filters.NONE
+    if level and filters.can_lorenzo(shape) and (
+            filter_mode == "lorenzo" or (filter_mode == "auto" and filters.lorenzo_pays(sym, INT_CODECS[codec]))):
+        sym, filt = filters.lorenzo_encode(sym), filters.LORENZO
+    sym = sym.reshape(-1)
+    raw = quant.pack_nibbles(sym & 0x0F) if codec == "int4" else sym
+    return filt, (_compressor(level).compress(raw) if level else memoryview(raw)), extra
 
 
 def _quantize(name, x, codec, reference):
