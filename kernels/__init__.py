@@ -1,1 +1,13 @@
-"""Fused Triton kernels for denoising steps and K-step noise extrapolation (each beside its torch reference)."""
+"""Fused Triton kernels for denoising steps and K-step noise extrapolation, each beside its torch
+reference and a CPU path; dispatch picks by device.
+
+    sampler = FusedSampler(scheduler, device=x.device)       # after scheduler.set_timesteps(N)
+    x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=7.5, state=state)
+"""
+from .fused_step import fused_step, fused_step_ref
+from .sampler import FusedSampler, SolverState
+from .step_table import StepTable, UnsupportedScheduler
+from .tables import table_for
+
+__all__ = ["FusedSampler", "SolverState", "StepTable", "UnsupportedScheduler", "fused_step", "fused_step_ref",
+           "table_for"]

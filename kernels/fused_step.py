@@ -1,0 +1,181 @@
+"""One denoising update in one pass over memory: guidance (or a forecast), x_0, the solver update.
+
+For each row b of a batch (its own step index and weights), with the row's coefficients from a
+StepTable (step_table.py holds the equations):
+
+    m = sum_k w[b,k] M_k ;  x0 = clamp(PX x + PM m) ;  eps = EX x + EM m + E0 x0
+    x_next = AX x + A0 x0 + AE eps + AN z + AH h
+
+Bytes that must move for an SDXL step with guidance: read x, M_0 = eps_uncond, M_1 = eps_cond, write
+x_next: 4 x 256 KiB. diffusers' scheduler.step plus the eager guidance combine moves about 4x that
+(every intermediate is a full tensor written and read back).
+
+Three implementations, side by side: ``fused_step_ref`` (torch, the equations as written; what the
+tests hold the others to), ``_fused_step_cpu`` (torch on CPU: the affine map folded into per-row
+scalars first, so x_next is K + 1 fused multiply-adds without intermediates), and the Triton kernel
+(one program per (block, row); compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1).
+``fused_step`` dispatches by device. None of them reads a tensor value on the host, so a CUDA step
+can be captured in a graph.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .step_table import A0, AE, AH, AN, AX, E0, EM, EX, NCOEF, PM, PX
+
+MAX_MODELS = 4  # guidance uses 2; a Taylor forecast of order 3 uses 4
+BLOCK = 1024  # elements per program: 4 KiB of float32 per operand, enough to keep loads in flight
+
+
+@triton.jit
+def _fused_step_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, w_ptr, coef_ptr, step_ptr, z_ptr, h_ptr,
+                       out_ptr, x0_ptr, n, clip,
+                       K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_HIST: tl.constexpr,
+                       WRITE_X0: tl.constexpr, CLIP: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    base = b.to(tl.int64) * n
+    row = tl.load(step_ptr + b).to(tl.int64) * NC
+    px = tl.load(coef_ptr + row + 0)
+    pm = tl.load(coef_ptr + row + 1)
+    ex = tl.load(coef_ptr + row + 2)
+    em = tl.load(coef_ptr + row + 3)
+    e0 = tl.load(coef_ptr + row + 4)
+    ax = tl.load(coef_ptr + row + 5)
+    a0 = tl.load(coef_ptr + row + 6)
+    ae = tl.load(coef_ptr + row + 7)
+    an = tl.load(coef_ptr + row + 8)
+    ah = tl.load(coef_ptr + row + 9)
+
+    x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
+    m = tl.load(w_ptr + b * K) * tl.load(m0_ptr + base + offs, mask=mask).to(tl.float32)
+    if K > 1:
+        m += tl.load(w_ptr + b * K + 1) * tl.load(m1_ptr + base + offs, mask=mask).to(tl.float32)
+    if K > 2:
+        m += tl.load(w_ptr + b * K + 2) * tl.load(m2_ptr + base + offs, mask=mask).to(tl.float32)
+    if K > 3:
+        m += tl.load(w_ptr + b * K + 3) * tl.load(m3_ptr + base + offs, mask=mask).to(tl.float32)
+    x0 = px * x + pm * m
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip), clip)
+    eps = ex * x + em * m + e0 * x0
+    out = ax * x + a0 * x0 + ae * eps
+    if HAS_NOISE:
+        out += an * tl.load(z_ptr + base + offs, mask=mask).to(tl.float32)
+    if HAS_HIST:
+        out += ah * tl.load(h_ptr + base + offs, mask=mask).to(tl.float32)
+    tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_X0:
+        tl.store(x0_ptr + base + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+def fused_step(x, models, weights, coef, step, noise=None, hist=None, clip=None, want_x0=False, backend=None):
+    """One update for every row of a batch.
+
+    x: (B, ...) latent, float32/float16/bfloat16. models: 1..4 tensors shaped like x (M_k).
+    weights: (B, K) float32, the w_k of each row. coef: (steps, NCOEF) float32 on x's device.
+    step: (B,) int64 on x's device, each row's step index. noise, hist: like x, or None (zeros).
+    clip: clamp x_0 to [-clip, clip], or None. Returns (x_next like x, x0 like x or None).
+    backend: None (by device: Triton on CUDA, the CPU path on CPU), 'triton', 'cpu' or 'ref'.
+    """
+    _check(x, models, weights, coef, step, noise, hist)
+    if backend is None:
+        backend = "triton" if x.is_cuda else "cpu"
+    if backend == "triton":
+        return _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0)
+    if backend == "cpu":
+        return _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0)
+    if backend == "ref":
+        x_next, x0 = fused_step_ref(x, models, weights, coef, step, noise, hist, clip)
+        return x_next, (x0 if want_x0 else None)
+    raise ValueError(f"backend must be None, 'triton', 'cpu' or 'ref', got {backend!r}")
+
+
+def _check(x, models, weights, coef, step, noise, hist):
+    if not 1 <= len(models) <= MAX_MODELS:
+        raise ValueError(f"fused_step takes 1 to {MAX_MODELS} model outputs, got {len(models)}")
+    for name, t in [("model output", m) for m in models] + [("noise", noise), ("hist", hist)]:
+        if t is not None and t.shape != x.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, the latent {tuple(x.shape)}: they must match")
+    b = x.shape[0]
+    if weights.shape != (b, len(models)):
+        raise ValueError(f"weights must be (B, K) = ({b}, {len(models)}), got {tuple(weights.shape)}")
+    if step.shape != (b,):
+        raise ValueError(f"step must be (B,) = ({b},), got {tuple(step.shape)}")
+    if coef.dim() != 2 or coef.shape[1] != NCOEF:
+        raise ValueError(f"coef must be (steps, {NCOEF}), got {tuple(coef.shape)}")
+
+
+def _rows(coef, step, ndim):
+    """Per-row coefficients, (NCOEF, B, 1, ..., 1) float32, broadcastable against the latent."""
+    r = coef.index_select(0, step).t().to(torch.float32)
+    return r.reshape(r.shape + (1,) * (ndim - 1))
+
+
+def fused_step_ref(x, models, weights, coef, step, noise=None, hist=None, clip=None):
+    """The equations as written, in float32 (the reference the other paths are tested against)."""
+    r = _rows(coef, step, x.dim())
+    w = weights.t().to(torch.float32).reshape((len(models), x.shape[0]) + (1,) * (x.dim() - 1))
+    xf = x.float()
+    m = sum(w[k] * models[k].float() for k in range(len(models)))
+    x0 = r[PX] * xf + r[PM] * m
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    eps = r[EX] * xf + r[EM] * m + r[E0] * x0
+    out = r[AX] * xf + r[A0] * x0 + r[AE] * eps
+    if noise is not None:
+        out = out + r[AN] * noise.float()
+    if hist is not None:
+        out = out + r[AH] * hist.float()
+    return out.to(x.dtype), x0.to(x.dtype)
+
+
+def _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0):
+    """Without clipping the update is affine in (x, M_k, z, h): fold the row coefficients into one
+    scalar per operand (a few flops on (B,) vectors), then x_next is K + 1 multiply-adds."""
+    if clip is not None:
+        x_next, x0 = fused_step_ref(x, models, weights, coef, step, noise, hist, clip)
+        return x_next, (x0 if want_x0 else None)
+    r = _rows(coef, step, x.dim())
+    w = weights.t().to(torch.float32).reshape((len(models), x.shape[0]) + (1,) * (x.dim() - 1))
+    # x_next = [AX + A0 PX + AE (EX + E0 PX)] x + [A0 PM + AE (EM + E0 PM)] m + AN z + AH h
+    cx = r[AX] + r[A0] * r[PX] + r[AE] * (r[EX] + r[E0] * r[PX])
+    cm = r[A0] * r[PM] + r[AE] * (r[EM] + r[E0] * r[PM])
+    xf = x if x.dtype == torch.float32 else x.float()
+    out = xf * cx
+    for k, mk in enumerate(models):
+        out.addcmul_(mk if mk.dtype == torch.float32 else mk.float(), cm * w[k])
+    if noise is not None:
+        out.addcmul_(noise.float(), r[AN])
+    if hist is not None:
+        out.addcmul_(hist.float(), r[AH])
+    x0 = None
+    if want_x0:
+        x0 = xf * r[PX]
+        for k, mk in enumerate(models):
+            x0.addcmul_(mk.float(), r[PM] * w[k])
+        x0 = x0.to(x.dtype)
+    return out.to(x.dtype), x0
+
+
+def _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0):
+    b = x.shape[0]
+    n = x.numel() // b if b else 0
+    xc = x.contiguous()
+    ms = [m.contiguous() for m in models]
+    ms += [ms[0]] * (MAX_MODELS - len(ms))  # unused pointers; K masks them out at compile time
+    out = torch.empty_like(xc)
+    x0 = torch.empty_like(xc) if want_x0 else out
+    z = noise.contiguous() if noise is not None else xc
+    h = hist.contiguous() if hist is not None else xc
+    if b and n:
+        grid = (triton.cdiv(n, BLOCK), b)
+        _fused_step_kernel[grid](
+            xc, ms[0], ms[1], ms[2], ms[3], weights.to(torch.float32).contiguous(),
+            coef.to(torch.float32).contiguous(), step.contiguous(), z, h, out, x0, n,
+            float(clip) if clip is not None else 0.0,
+            K=len(models), HAS_NOISE=noise is not None, HAS_HIST=hist is not None, WRITE_X0=want_x0,
+            CLIP=clip is not None, NC=NCOEF, BLOCK=BLOCK)
+    return out, (x0 if want_x0 else None)

@@ -1,0 +1,95 @@
+"""FusedSampler: a configured diffusers scheduler, stepped by the fused kernel."""
+from dataclasses import dataclass
+
+import torch
+
+from .fused_step import fused_step
+from .tables import table_for
+
+
+@dataclass
+class SolverState:
+    """What a multistep solver carries from one step to the next, and across a handoff.
+
+    x0_prev: DPM-Solver++'s previous data prediction x_0 (B, ...), or None before the first step.
+    """
+
+    x0_prev: torch.Tensor = None
+
+
+class FusedSampler:
+    """Steps a diffusers scheduler's schedule with one fused pass per step.
+
+    Build it after ``scheduler.set_timesteps(N)``; the per-step coefficients are computed once and
+    moved to ``device``. The scheduler object itself is not stepped (it keeps no state here), so one
+    sampler serves any number of concurrent generations.
+
+        sampler = FusedSampler(scheduler, device=x.device)
+        state = None
+        for i in range(sampler.num_steps):
+            x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=7.5, state=state)
+    """
+
+    def __init__(self, scheduler, *, device="cpu", eta=0.0, use_clipped_model_output=False, backend=None):
+        opts = {}
+        if type(scheduler).__name__ == "DDIMScheduler":
+            opts = {"eta": eta, "use_clipped_model_output": use_clipped_model_output}
+        elif eta or use_clipped_model_output:
+            raise ValueError(f"eta and use_clipped_model_output are DDIM options; {type(scheduler).__name__} "
+                             "takes neither")
+        self.table = table_for(scheduler, **opts)
+        self.coef = self.table.coef.to(device=device, dtype=torch.float32)
+        self.timesteps = scheduler.timesteps
+        self.num_steps = len(self.timesteps)
+        self.backend = backend
+
+    @property
+    def stochastic(self):
+        """Whether step() needs ``noise`` (DDIM with eta > 0, DDPM, Euler ancestral, stochastic flow)."""
+        return self.table.stochastic
+
+    def step(self, x, step_index, model_output=None, *, cond=None, uncond=None, guidance_scale=None,
+             state=None, noise=None):
+        """x_t -> (x_next, state) for step ``step_index`` (an int, or a (B,) tensor: one per row).
+
+        Give either ``model_output`` (already guided) or ``cond``, ``uncond`` and ``guidance_scale`` (a
+        float or a (B,) tensor), combined as uncond + g (cond - uncond) inside the pass.
+        noise: (B, ...) standard normal, required when ``self.stochastic``.
+        state: the SolverState the previous step returned (None at the first step).
+        """
+        if model_output is not None:
+            if cond is not None or uncond is not None or guidance_scale is not None:
+                raise ValueError("give either model_output, or cond + uncond + guidance_scale, not both")
+            models = [model_output]
+            weights = torch.ones(x.shape[0], 1, device=x.device)
+        else:
+            if cond is None or uncond is None or guidance_scale is None:
+                raise ValueError("classifier-free guidance needs cond, uncond and guidance_scale")
+            g = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).expand(x.shape[0])
+            models = [uncond, cond]
+            weights = torch.stack([1 - g, g], dim=1)
+        return self.step_combined(x, step_index, models, weights, state=state, noise=noise)
+
+    def step_combined(self, x, step_index, models, weights, *, state=None, noise=None):
+        """The general form: the model output is sum_k weights[:, k] * models[k] (guidance, or a forecast
+        from a history of model outputs: see kernels/extrapolate.py)."""
+        step = self._step_tensor(step_index, x)
+        if self.table.stochastic and noise is None:
+            raise ValueError("this scheduler adds noise at each step: pass noise=torch.randn_like(x) "
+                             "(drawn from your generator)")
+        hist = None
+        if self.table.multistep:
+            hist = state.x0_prev if state is not None and state.x0_prev is not None else torch.zeros_like(x)
+        x_next, x0 = fused_step(x, models, weights, self.coef, step, noise=noise if self.table.stochastic else None,
+                                hist=hist, clip=self.table.clip, want_x0=self.table.multistep,
+                                backend=self.backend)
+        return x_next, SolverState(x0_prev=x0)
+
+    def _step_tensor(self, step_index, x):
+        if isinstance(step_index, torch.Tensor):
+            if step_index.shape != (x.shape[0],):
+                raise ValueError(f"a per-row step_index must have shape ({x.shape[0]},), got {tuple(step_index.shape)}")
+            return step_index.to(device=x.device, dtype=torch.int64)
+        if not 0 <= step_index < self.num_steps:
+            raise ValueError(f"step_index {step_index} is outside 0..{self.num_steps - 1} of this schedule")
+        return torch.full((x.shape[0],), step_index, dtype=torch.int64, device=x.device)

@@ -1,0 +1,22 @@
+"""Which coefficient table serves a configured diffusers scheduler."""
+from . import table_ddim, table_ddpm, table_dpmpp_2m, table_euler, table_euler_ancestral, table_flow_euler
+from .step_table import UnsupportedScheduler
+
+BUILDERS = {
+    "DDIMScheduler": table_ddim.table,
+    "DDPMScheduler": table_ddpm.table,
+    "EulerDiscreteScheduler": table_euler.table,
+    "EulerAncestralDiscreteScheduler": table_euler_ancestral.table,
+    "DPMSolverMultistepScheduler": table_dpmpp_2m.table,
+    "FlowMatchEulerDiscreteScheduler": table_flow_euler.table,
+}
+
+
+def table_for(scheduler, **options):
+    """StepTable of ``scheduler`` (after ``set_timesteps``). options: DDIM's eta, use_clipped_model_output."""
+    name = type(scheduler).__name__
+    if name not in BUILDERS:
+        raise UnsupportedScheduler(f"{name} is not supported by the fused step; supported: {', '.join(BUILDERS)}")
+    if getattr(scheduler, "num_inference_steps", None) is None or getattr(scheduler, "timesteps", None) is None:
+        raise UnsupportedScheduler(f"{name} has no schedule yet: call scheduler.set_timesteps(N) first")
+    return BUILDERS[name](scheduler, **options)
