@@ -17,6 +17,8 @@ scalars first, so x_next is K + 1 fused multiply-adds without intermediates), an
 ``fused_step`` dispatches by device. None of them reads a tensor value on the host, so a CUDA step
 can be captured in a graph.
 """
+from typing import NamedTuple, Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -29,9 +31,10 @@ BLOCK = 1024  # elements per program: 4 KiB of float32 per operand, enough to ke
 
 @triton.jit
 def _fused_step_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, w_ptr, coef_ptr, step_ptr, z_ptr, h_ptr,
-                       out_ptr, x0_ptr, n, clip,
+                       out_ptr, x0_ptr, m_ptr, n, clip,
                        K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_HIST: tl.constexpr,
-                       WRITE_X0: tl.constexpr, CLIP: tl.constexpr, NC: tl.constexpr, BLOCK: tl.constexpr):
+                       WRITE_X0: tl.constexpr, WRITE_M: tl.constexpr, CLIP: tl.constexpr, NC: tl.constexpr,
+                       BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     b = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -69,27 +72,36 @@ def _fused_step_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, w_ptr, coef_ptr, s
     tl.store(out_ptr + base + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + base + offs, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+    if WRITE_M:
+        tl.store(m_ptr + base + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
 
 
-def fused_step(x, models, weights, coef, step, noise=None, hist=None, clip=None, want_x0=False, backend=None):
-    """One update for every row of a batch.
+class StepOutput(NamedTuple):
+    x_next: torch.Tensor
+    x0: Optional[torch.Tensor]  # the data prediction x_0 (DPM-Solver++'s state), when asked for
+    m: Optional[torch.Tensor]  # the model output used, sum_k w_k M_k (a forecaster's history), when asked for
+
+
+def fused_step(x, models, weights, coef, step, noise=None, hist=None, clip=None, want_x0=False, want_m=False,
+               backend=None):
+    """One update for every row of a batch -> StepOutput(x_next, x0, m).
 
     x: (B, ...) latent, float32/float16/bfloat16. models: 1..4 tensors shaped like x (M_k).
     weights: (B, K) float32, the w_k of each row. coef: (steps, NCOEF) float32 on x's device.
     step: (B,) int64 on x's device, each row's step index. noise, hist: like x, or None (zeros).
-    clip: clamp x_0 to [-clip, clip], or None. Returns (x_next like x, x0 like x or None).
+    clip: clamp x_0 to [-clip, clip], or None. x0 and m are returned (like x) when asked for, else None.
     backend: None (by device: Triton on CUDA, the CPU path on CPU), 'triton', 'cpu' or 'ref'.
     """
     _check(x, models, weights, coef, step, noise, hist)
     if backend is None:
         backend = "triton" if x.is_cuda else "cpu"
     if backend == "triton":
-        return _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0)
+        return _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
     if backend == "cpu":
-        return _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0)
+        return _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
     if backend == "ref":
-        x_next, x0 = fused_step_ref(x, models, weights, coef, step, noise, hist, clip)
-        return x_next, (x0 if want_x0 else None)
+        out = fused_step_ref(x, models, weights, coef, step, noise, hist, clip)
+        return StepOutput(out.x_next, out.x0 if want_x0 else None, out.m if want_m else None)
     raise ValueError(f"backend must be None, 'triton', 'cpu' or 'ref', got {backend!r}")
 
 
@@ -115,7 +127,8 @@ def _rows(coef, step, ndim):
 
 
 def fused_step_ref(x, models, weights, coef, step, noise=None, hist=None, clip=None):
-    """The equations as written, in float32 (the reference the other paths are tested against)."""
+    """The equations as written, in float32 (the reference the other paths are tested against).
+    Returns StepOutput with x0 and m always filled."""
     r = _rows(coef, step, x.dim())
     w = weights.t().to(torch.float32).reshape((len(models), x.shape[0]) + (1,) * (x.dim() - 1))
     xf = x.float()
@@ -129,15 +142,15 @@ def fused_step_ref(x, models, weights, coef, step, noise=None, hist=None, clip=N
         out = out + r[AN] * noise.float()
     if hist is not None:
         out = out + r[AH] * hist.float()
-    return out.to(x.dtype), x0.to(x.dtype)
+    return StepOutput(out.to(x.dtype), x0.to(x.dtype), m.to(x.dtype))
 
 
-def _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0):
+def _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m):
     """Without clipping the update is affine in (x, M_k, z, h): fold the row coefficients into one
     scalar per operand (a few flops on (B,) vectors), then x_next is K + 1 multiply-adds."""
     if clip is not None:
-        x_next, x0 = fused_step_ref(x, models, weights, coef, step, noise, hist, clip)
-        return x_next, (x0 if want_x0 else None)
+        out = fused_step_ref(x, models, weights, coef, step, noise, hist, clip)
+        return StepOutput(out.x_next, out.x0 if want_x0 else None, out.m if want_m else None)
     r = _rows(coef, step, x.dim())
     w = weights.t().to(torch.float32).reshape((len(models), x.shape[0]) + (1,) * (x.dim() - 1))
     # x_next = [AX + A0 PX + AE (EX + E0 PX)] x + [A0 PM + AE (EM + E0 PM)] m + AN z + AH h
@@ -151,16 +164,17 @@ def _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0):
         out.addcmul_(noise.float(), r[AN])
     if hist is not None:
         out.addcmul_(hist.float(), r[AH])
-    x0 = None
+    m = x0 = None
+    if want_m or want_x0:
+        m = models[0].float() * w[0]
+        for k in range(1, len(models)):
+            m.addcmul_(models[k].float(), w[k])
     if want_x0:
-        x0 = xf * r[PX]
-        for k, mk in enumerate(models):
-            x0.addcmul_(mk.float(), r[PM] * w[k])
-        x0 = x0.to(x.dtype)
-    return out.to(x.dtype), x0
+        x0 = (xf * r[PX]).addcmul_(m, r[PM]).to(x.dtype)
+    return StepOutput(out.to(x.dtype), x0, m.to(x.dtype) if want_m else None)
 
 
-def _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0):
+def _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m):
     b = x.shape[0]
     n = x.numel() // b if b else 0
     xc = x.contiguous()
@@ -168,14 +182,15 @@ def _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x
     ms += [ms[0]] * (MAX_MODELS - len(ms))  # unused pointers; K masks them out at compile time
     out = torch.empty_like(xc)
     x0 = torch.empty_like(xc) if want_x0 else out
+    m = torch.empty_like(xc) if want_m else out
     z = noise.contiguous() if noise is not None else xc
     h = hist.contiguous() if hist is not None else xc
     if b and n:
         grid = (triton.cdiv(n, BLOCK), b)
         _fused_step_kernel[grid](
             xc, ms[0], ms[1], ms[2], ms[3], weights.to(torch.float32).contiguous(),
-            coef.to(torch.float32).contiguous(), step.contiguous(), z, h, out, x0, n,
+            coef.to(torch.float32).contiguous(), step.contiguous(), z, h, out, x0, m, n,
             float(clip) if clip is not None else 0.0,
             K=len(models), HAS_NOISE=noise is not None, HAS_HIST=hist is not None, WRITE_X0=want_x0,
-            CLIP=clip is not None, NC=NCOEF, BLOCK=BLOCK)
-    return out, (x0 if want_x0 else None)
+            WRITE_M=want_m, CLIP=clip is not None, NC=NCOEF, BLOCK=BLOCK)
+    return StepOutput(out, x0 if want_x0 else None, m if want_m else None)

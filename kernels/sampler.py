@@ -70,9 +70,10 @@ class FusedSampler:
             weights = torch.stack([1 - g, g], dim=1)
         return self.step_combined(x, step_index, models, weights, state=state, noise=noise)
 
-    def step_combined(self, x, step_index, models, weights, *, state=None, noise=None):
+    def step_combined(self, x, step_index, models, weights, *, state=None, noise=None, want_m=False):
         """The general form: the model output is sum_k weights[:, k] * models[k] (guidance, or a forecast
-        from a history of model outputs: see kernels/extrapolate.py)."""
+        from a history of model outputs: see kernels/extrapolate.py). With want_m, also returns that
+        model output: (x_next, state, m)."""
         step = self._step_tensor(step_index, x)
         if self.table.stochastic and noise is None:
             raise ValueError("this scheduler adds noise at each step: pass noise=torch.randn_like(x) "
@@ -80,10 +81,11 @@ class FusedSampler:
         hist = None
         if self.table.multistep:
             hist = state.x0_prev if state is not None and state.x0_prev is not None else torch.zeros_like(x)
-        x_next, x0 = fused_step(x, models, weights, self.coef, step, noise=noise if self.table.stochastic else None,
-                                hist=hist, clip=self.table.clip, want_x0=self.table.multistep,
-                                backend=self.backend)
-        return x_next, SolverState(x0_prev=x0)
+        out = fused_step(x, models, weights, self.coef, step, noise=noise if self.table.stochastic else None,
+                         hist=hist, clip=self.table.clip, want_x0=self.table.multistep, want_m=want_m,
+                         backend=self.backend)
+        state = SolverState(x0_prev=out.x0)
+        return (out.x_next, state, out.m) if want_m else (out.x_next, state)
 
     def _step_tensor(self, step_index, x):
         if isinstance(step_index, torch.Tensor):

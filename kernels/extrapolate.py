@@ -1,0 +1,127 @@
+"""K-step noise extrapolation: forecast the model output at steps where the model is not called.
+
+Two forecasters, each a plain frozen dataclass with the same three methods (``is_real``,
+``forecast``, ``update``) over an explicit ``History`` value, so the history can be serialized and sent
+in a handoff (protocol's ``history/<i>`` tensors):
+
+- ``ECDiff(p, k, a)``: EC-Diff's rule, as its public code runs it. Steps 0..p-1 call the model; after
+  that one real call every k+1 steps. The slope starts as g = eps_{p-1} - eps_{p-2}; after each later
+  real call g = a (eps_i - eps_hat_{i-1}) (the real output minus the forecast before it); at a skipped
+  step eps_hat_i = eps_{i-1} + g, where eps_{i-1} is the previous output, real or forecast.
+- ``Taylor(order, k)``: the polynomial through the last order+1 *real* outputs at their timesteps,
+  evaluated at the current one (Newton's divided differences, i.e. Lagrange weights), which respects
+  uneven step spacing, as TaylorSeer does for features. order 1..3.
+
+A forecast is a weighted sum of stored tensors, so it runs inside the fused step (``FusedSampler
+.step_combined``): no extra pass over memory to build eps_hat.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_ORDER = 3
+
+
+@dataclass
+class History:
+    """What a forecaster keeps: model outputs (newest last) with their timesteps, and EC-Diff's slope."""
+
+    outputs: list = field(default_factory=list)
+    times: list = field(default_factory=list)
+    grad: torch.Tensor = None
+
+
+def lagrange_weights(nodes, t):
+    """w_j with sum_j w_j f(nodes[j]) = P(t), P the polynomial through the points (exact for degree < len)."""
+    w = []
+    for j, tj in enumerate(nodes):
+        wj = 1.0
+        for i, ti in enumerate(nodes):
+            if i != j:
+                wj *= (t - ti) / (tj - ti)
+        w.append(wj)
+    return w
+
+
+def _every(p, k, i):
+    return i < p or (i + 1 - p) % (k + 1) == 0
+
+
+@dataclass(frozen=True)
+class ECDiff:
+    """EC-Diff's K-step noise approximation. p >= 2 real steps first; k skipped steps between real ones;
+    a scales the slope measured after each real call."""
+
+    p: int = 3
+    k: int = 1
+    a: float = 1.0
+
+    def __post_init__(self):
+        if self.p < 2:
+            raise ValueError(f"ECDiff needs p >= 2 real steps to measure a first slope, got p={self.p}")
+        if self.k < 0:
+            raise ValueError(f"ECDiff k (skipped steps between real calls) must be >= 0, got {self.k}")
+
+    def is_real(self, i):
+        return _every(self.p, self.k, i)
+
+    def forecast(self, history, t):
+        """(models, weights): eps_hat = eps_{i-1} + g."""
+        return [history.outputs[-1], history.grad], [1.0, 1.0]
+
+    def update(self, i, history, m, t):
+        """History after step i used model output m (real if is_real(i), else the forecast)."""
+        outputs = (history.outputs + [m])[-2:]
+        grad = history.grad
+        if self.is_real(i):
+            if i == self.p - 1:
+                grad = outputs[-1] - outputs[-2]
+            elif i > self.p:
+                grad = self.a * (outputs[-1] - outputs[-2])
+        return History(outputs, (history.times + [t])[-2:], grad)
+
+
+@dataclass(frozen=True)
+class Taylor:
+    """Polynomial extrapolation of the given order over the last order+1 real outputs, in timestep."""
+
+    order: int = 1
+    k: int = 1
+
+    def __post_init__(self):
+        if not 1 <= self.order <= MAX_ORDER:
+            raise ValueError(f"Taylor order must be in 1..{MAX_ORDER}, got {self.order}")
+        if self.k < 0:
+            raise ValueError(f"Taylor k (skipped steps between real calls) must be >= 0, got {self.k}")
+
+    def is_real(self, i):
+        return _every(self.order + 1, self.k, i)
+
+    def forecast(self, history, t):
+        return list(history.outputs), lagrange_weights(history.times, t)
+
+    def update(self, i, history, m, t):
+        if not self.is_real(i):
+            return history  # only real outputs define the polynomial
+        n = self.order + 1
+        return History((history.outputs + [m])[-n:], (history.times + [float(t)])[-n:])
+
+
+def denoise(sampler, x, model, forecaster=None, noise=None):
+    """Run the whole schedule: x_T -> x_0. model(x, i, t) returns the (guided) model output; with a
+    forecaster it is called only at its real steps. noise(i) gives the noise of stochastic samplers.
+    Returns (x, number of model calls)."""
+    state, history, calls = None, History(), 0
+    for i, t in enumerate(sampler.timesteps.tolist()):
+        z = noise(i) if noise is not None else None
+        if forecaster is None or forecaster.is_real(i):
+            m = model(x, i, t)
+            calls += 1
+            x, state = sampler.step(x, i, model_output=m, state=state, noise=z)
+        else:
+            models, w = forecaster.forecast(history, t)
+            weights = torch.tensor(w, dtype=torch.float32, device=x.device).expand(x.shape[0], len(w))
+            x, state, m = sampler.step_combined(x, i, models, weights, state=state, noise=z, want_m=True)
+        if forecaster is not None:
+            history = forecaster.update(i, history, m, t)
+    return x, calls

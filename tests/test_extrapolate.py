@@ -1,0 +1,87 @@
+"""K-step noise extrapolation: EC-Diff's rule as its public code runs it, and Taylor forecasts."""
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from latentwire.kernels import ECDiff, FusedSampler, History, Taylor, denoise, lagrange_weights
+
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+
+
+def _model(x, i, t):
+    """A deterministic stand-in for a UNet: smooth in t, depends on x."""
+    return torch.tanh(x) * (1 + t / 1000) + 0.1 * torch.sin(torch.tensor(t / 300.0))
+
+
+def _ecdiff_public_loop(scheduler, x, p, k, a, s):
+    """EC-Diff's denoising loop transcribed from its public code (model/sd.py), cloud segment only
+    (i < s), with the guided model output given by _model."""
+    cache, gradient = [], None
+    for i, t in enumerate(scheduler.timesteps):
+        if i < s:
+            if i < p or (i + 1 - p) % (k + 1) == 0:
+                noise_pred = _model(x, i, int(t))
+                x = scheduler.step(noise_pred, t, x).prev_sample
+                cache.append(noise_pred)
+                if i == (p - 1):
+                    gradient = cache[-1] - cache[-2]
+                elif i > p:
+                    gradient = a * (cache[-1] - cache[-2])
+            else:
+                noise = cache[-1] + gradient
+                x = scheduler.step(noise, t, x).prev_sample
+                cache.append(noise)
+        else:
+            x = scheduler.step(_model(x, i, int(t)), t, x).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("p, k, a", [(2, 1, 1.0), (3, 2, 0.8), (4, 4, 1.2), (3, 0, 1.0)])
+@pytest.mark.parametrize("backend", ["cpu", "ref", "triton"])
+def test_ecdiff_matches_its_public_loop(p, k, a, backend):
+    s = DDIMScheduler(**SD)
+    s.set_timesteps(20)
+    x = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(1))
+    expected = _ecdiff_public_loop(s, x.clone(), p, k, a, s=len(s.timesteps))
+    ours, calls = denoise(FusedSampler(s, backend=backend), x, _model, ECDiff(p, k, a))
+    assert calls == sum(ECDiff(p, k, a).is_real(i) for i in range(20)) < 20 or k == 0
+    assert ((ours - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
+def test_ecdiff_schedule():
+    assert [ECDiff(3, 2).is_real(i) for i in range(12)] == [1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    with pytest.raises(ValueError, match="p >= 2"):
+        ECDiff(p=1)
+    with pytest.raises(ValueError, match="k"):
+        Taylor(order=1, k=-1)
+    with pytest.raises(ValueError, match="order"):
+        Taylor(order=4)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_lagrange_weights_are_exact_for_polynomials_on_uneven_nodes(order):
+    nodes = [981.0, 937.5, 880.0, 799.25][: order + 1]
+    for degree in range(order + 1):
+        f = lambda t: (t / 1000) ** degree + 0.5  # noqa: E731
+        w = lagrange_weights(nodes, 701.0)
+        assert sum(wj * f(tj) for wj, tj in zip(w, nodes)) == pytest.approx(f(701.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_taylor_forecast_is_exact_when_the_model_output_is_a_polynomial_in_t(order):
+    """If eps(t) is a polynomial of the forecaster's order, skipping the model changes nothing."""
+    s = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    s.set_timesteps(16)
+    base = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(4))
+    model = lambda x, i, t: base * (t / 1000) ** order - 0.3 * (t / 1000)  # noqa: E731
+    x = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(5))
+    every, calls_all = denoise(FusedSampler(s), x, model)
+    skipped, calls = denoise(FusedSampler(s), x, model, Taylor(order, k=2))
+    assert calls < calls_all
+    torch.testing.assert_close(skipped, every, rtol=1e-4, atol=1e-4 * every.abs().max().item())
+
+
+def test_forecast_history_is_plain_tensors_that_can_travel():
+    h = ECDiff(2, 1).update(0, History(), torch.ones(3), 999.0)
+    h = ECDiff(2, 1).update(1, h, torch.zeros(3), 979.0)
+    assert [o.tolist() for o in h.outputs] == [[1.0] * 3, [0.0] * 3] and h.grad.tolist() == [-1.0] * 3
