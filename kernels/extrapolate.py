@@ -119,8 +119,7 @@ def denoise(sampler, x, model, forecaster=None, noise=None):
             calls += 1
             x, state = sampler.step(x, i, model_output=m, state=state, noise=z)
         else:
-            models, w = forecaster.forecast(history, t)
-            weights = torch.tensor(w, dtype=torch.float32, device=x.device).expand(x.shape[0], len(w))
+            models, weights = forecaster.forecast(history, t)
             x, state, m = sampler.step_combined(x, i, models, weights, state=state, noise=z, want_m=True)
         if forecaster is not None:
             history = forecaster.update(i, history, m, t)

@@ -87,12 +87,17 @@ def fused_step(x, models, weights, coef, step, noise=None, hist=None, clip=None,
     """One update for every row of a batch -> StepOutput(x_next, x0, m).
 
     x: (B, ...) latent, float32/float16/bfloat16. models: 1..4 tensors shaped like x (M_k).
-    weights: (B, K) float32, the w_k of each row. coef: (steps, NCOEF) float32 on x's device.
-    step: (B,) int64 on x's device, each row's step index. noise, hist: like x, or None (zeros).
+    weights: (B, K) float32, the w_k of each row, or a list of K floats shared by every row.
+    coef: (steps, NCOEF) float32 on x's device.
+    step: (B,) int64 on x's device, each row's step index, or one int for every row.
+    noise, hist: like x, or None (zeros).
     clip: clamp x_0 to [-clip, clip], or None. x0 and m are returned (like x) when asked for, else None.
     backend: None (by device: Triton on CUDA, the CPU path on CPU), 'triton', 'cpu' or 'ref'.
     """
     _check(x, models, weights, coef, step, noise, hist)
+    if backend in ("cpu", None) and not x.is_cuda and isinstance(step, int) and not isinstance(weights, torch.Tensor):
+        return _fused_step_cpu_scalar(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
+    weights, step = _as_tensors(x, weights, step)
     if backend is None:
         backend = "triton" if x.is_cuda else "cpu"
     if backend == "triton":
@@ -105,6 +110,16 @@ def fused_step(x, models, weights, coef, step, noise=None, hist=None, clip=None,
     raise ValueError(f"backend must be None, 'triton', 'cpu' or 'ref', got {backend!r}")
 
 
+def _as_tensors(x, weights, step):
+    """The per-row forms of a shared weight list and a shared step index."""
+    b = x.shape[0]
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.tensor([list(weights)], dtype=torch.float32, device=x.device).expand(b, len(weights))
+    if not isinstance(step, torch.Tensor):
+        step = torch.full((b,), step, dtype=torch.int64, device=x.device)
+    return weights, step
+
+
 def _check(x, models, weights, coef, step, noise, hist):
     if not 1 <= len(models) <= MAX_MODELS:
         raise ValueError(f"fused_step takes 1 to {MAX_MODELS} model outputs, got {len(models)}")
@@ -112,12 +127,15 @@ def _check(x, models, weights, coef, step, noise, hist):
         if t is not None and t.shape != x.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, the latent {tuple(x.shape)}: they must match")
     b = x.shape[0]
-    if weights.shape != (b, len(models)):
-        raise ValueError(f"weights must be (B, K) = ({b}, {len(models)}), got {tuple(weights.shape)}")
-    if step.shape != (b,):
-        raise ValueError(f"step must be (B,) = ({b},), got {tuple(step.shape)}")
+    shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else (b, len(weights))
+    if shape != (b, len(models)):
+        raise ValueError(f"weights must be (B, K) = ({b}, {len(models)}) or K floats, got {shape}")
+    if isinstance(step, torch.Tensor) and step.shape != (b,):
+        raise ValueError(f"step must be (B,) = ({b},) or an int, got {tuple(step.shape)}")
     if coef.dim() != 2 or coef.shape[1] != NCOEF:
         raise ValueError(f"coef must be (steps, {NCOEF}), got {tuple(coef.shape)}")
+    if isinstance(step, int) and not 0 <= step < coef.shape[0]:
+        raise ValueError(f"step {step} is outside the table's 0..{coef.shape[0] - 1}")
 
 
 def _rows(coef, step, ndim):
@@ -171,6 +189,35 @@ def _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0, 
             m.addcmul_(models[k].float(), w[k])
     if want_x0:
         x0 = (xf * r[PX]).addcmul_(m, r[PM]).to(x.dtype)
+    return StepOutput(out.to(x.dtype), x0, m.to(x.dtype) if want_m else None)
+
+
+def _fused_step_cpu_scalar(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m):
+    """The CPU path when every row shares the step and the weights (one session, or a batch of images
+    of one prompt): the folded coefficients are Python floats, so x_next is one multiply and K + 2
+    scaled adds, and no tensor is made for the coefficients. This is the hot path of an edge device."""
+    if clip is not None:
+        weights, step = _as_tensors(x, weights, step)
+        return _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
+    px, pm, ex, em, e0, ax, a0, ae, an, ah = coef[step].tolist()
+    cx = ax + a0 * px + ae * (ex + e0 * px)
+    cm = a0 * pm + ae * (em + e0 * pm)
+    f32 = [t if t is None or t.dtype == torch.float32 else t.float() for t in [x, *models, noise, hist]]
+    xf, ms, z, h = f32[0], f32[1:-2], f32[-2], f32[-1]
+    out = torch.mul(xf, cx)
+    for mk, wk in zip(ms, weights):
+        out.add_(mk, alpha=cm * wk)
+    if z is not None and an:
+        out.add_(z, alpha=an)
+    if h is not None and ah:
+        out.add_(h, alpha=ah)
+    m = x0 = None
+    if want_m or want_x0:
+        m = torch.mul(ms[0], weights[0])
+        for mk, wk in zip(ms[1:], weights[1:]):
+            m.add_(mk, alpha=wk)
+    if want_x0:
+        x0 = torch.mul(xf, px).add_(m, alpha=pm).to(x.dtype)
     return StepOutput(out.to(x.dtype), x0, m.to(x.dtype) if want_m else None)
 
 

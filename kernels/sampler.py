@@ -60,20 +60,22 @@ class FusedSampler:
         if model_output is not None:
             if cond is not None or uncond is not None or guidance_scale is not None:
                 raise ValueError("give either model_output, or cond + uncond + guidance_scale, not both")
-            models = [model_output]
-            weights = torch.ones(x.shape[0], 1, device=x.device)
+            models, weights = [model_output], [1.0]
         else:
             if cond is None or uncond is None or guidance_scale is None:
                 raise ValueError("classifier-free guidance needs cond, uncond and guidance_scale")
-            g = torch.as_tensor(guidance_scale, dtype=torch.float32, device=x.device).expand(x.shape[0])
             models = [uncond, cond]
-            weights = torch.stack([1 - g, g], dim=1)
+            if isinstance(guidance_scale, torch.Tensor):  # one scale per row
+                g = guidance_scale.to(device=x.device, dtype=torch.float32).expand(x.shape[0])
+                weights = torch.stack([1 - g, g], dim=1)
+            else:
+                weights = [1.0 - guidance_scale, float(guidance_scale)]
         return self.step_combined(x, step_index, models, weights, state=state, noise=noise)
 
     def step_combined(self, x, step_index, models, weights, *, state=None, noise=None, want_m=False):
         """The general form: the model output is sum_k weights[:, k] * models[k] (guidance, or a forecast
-        from a history of model outputs: see kernels/extrapolate.py). With want_m, also returns that
-        model output: (x_next, state, m)."""
+        from a history of model outputs: see kernels/extrapolate.py); weights is (B, K) or K floats.
+        With want_m, also returns that model output: (x_next, state, m)."""
         step = self._step_tensor(step_index, x)
         if self.table.stochastic and noise is None:
             raise ValueError("this scheduler adds noise at each step: pass noise=torch.randn_like(x) "
@@ -88,10 +90,11 @@ class FusedSampler:
         return (out.x_next, state, out.m) if want_m else (out.x_next, state)
 
     def _step_tensor(self, step_index, x):
+        """A per-row step index as an int64 tensor on x's device; a shared one stays an int."""
         if isinstance(step_index, torch.Tensor):
             if step_index.shape != (x.shape[0],):
                 raise ValueError(f"a per-row step_index must have shape ({x.shape[0]},), got {tuple(step_index.shape)}")
             return step_index.to(device=x.device, dtype=torch.int64)
         if not 0 <= step_index < self.num_steps:
             raise ValueError(f"step_index {step_index} is outside 0..{self.num_steps - 1} of this schedule")
-        return torch.full((x.shape[0],), step_index, dtype=torch.int64, device=x.device)
+        return int(step_index)

@@ -11,9 +11,12 @@ a tensor of rank >= 2 and the whole tensor for rank 1. A channel whose range is 
 smallest normal number gets step 0: every value decodes to lo_c, off by less than that range.
 
 Two implementations of the same arithmetic: numpy for CPU tensors (measured ~6x faster than the
-same torch ops on one core here, see bench/README.md), torch for tensors on an accelerator so that
-only the 1-byte symbols cross PCIe. Tests hold them equal up to ties rounded the other way.
+same torch ops on one core here, see bench/README.md), latentwire.kernels.quantize for tensors on an
+accelerator (Triton on CUDA, its torch reference elsewhere) so that only the 1-byte symbols, int4's
+packed two a byte, cross PCIe. Tests hold them equal up to ties rounded the other way.
 """
+import importlib
+
 import numpy as np
 import torch
 
@@ -94,33 +97,38 @@ def dequantize(q3, lo, step, out=None):
     return out
 
 
-# --- the same arithmetic in torch, for tensors that live on an accelerator -----------------------
+# --- the same arithmetic on an accelerator: latentwire.kernels.quantize (Triton on CUDA) ------------
+
+def _kernels():
+    # Imported on first use: CPU tensors never need Triton (importing it takes ~0.5 s), and its
+    # interpreter mode is fixed when the kernels are decorated at import. By module path, so that a
+    # function latentwire.kernels re-exports as ``quantize`` cannot stand in for the module.
+    return importlib.import_module("..kernels.quantize", __package__)
+
+
+def _on(device, values):
+    return torch.from_numpy(np.array(values, np.float32)).to(device)  # a copy: header views are read-only
+
 
 def channel_ranges_torch(x3, name):
     b, c, m = x3.shape
     if b * m == 0:
         return np.zeros(c), np.zeros(c)
-    flat = x3.transpose(0, 1).reshape(c, -1)
-    lo, hi = torch.aminmax(flat, dim=1)
+    lo, hi = _kernels().channel_minmax(x3)
     lo, hi = lo.double().cpu().numpy(), hi.double().cpu().numpy()
     check_span(lo, hi, name)
     return lo, hi
 
 
-def quantize_torch(x3, lo, step, levels):
-    dev = x3.device
-    lo32 = torch.from_numpy(lo.astype(np.float32)).to(dev)[None, :, None]
-    step32 = torch.from_numpy(step.astype(np.float32)).to(dev)
-    inv = torch.where(step32 > 0, 1.0 / step32, torch.zeros_like(step32))[None, :, None]
-    y = (x3 - lo32).mul_(inv).add_(0.5).clamp_(0, levels)
-    return y.to(torch.uint8)
+def quantize_torch(x3, lo, step, levels, packed=False):
+    """Symbols of a float32 (B, C, M) tensor on its device: uint8 (B, C, M), or int4 ``packed`` bytes."""
+    return _kernels().quantize(x3, _on(x3.device, lo), _on(x3.device, step), levels, packed=packed)
 
 
-def dequantize_torch(q3, lo, step):
-    dev = q3.device
-    lo32 = torch.from_numpy(lo.astype(np.float32)).to(dev)[None, :, None]
-    step32 = torch.from_numpy(step.astype(np.float32)).to(dev)[None, :, None]
-    return (q3.to(torch.float32) * step32).add_(lo32)
+def dequantize_torch(q, lo, step, shape=None, packed=False):
+    """float32 (B, C, M) = ``shape`` (default q's) on q's device from uint8 symbols or ``packed`` int4 bytes."""
+    shape = tuple(q.shape) if shape is None else shape
+    return _kernels().dequantize(q, _on(q.device, lo), _on(q.device, step), shape, packed=packed)
 
 
 # --- int4: two symbols a byte ---------------------------------------------------------------------

@@ -169,19 +169,23 @@ def _encode_int(name, x, codec, level, reference, filter_mode):
         raise ProtocolError(f"tensor {name!r}: the shuffle filter is for float codecs; int codecs take 'lorenzo'")
     if filter_mode == "lorenzo" and not filters.can_lorenzo(shape):
         raise ProtocolError(f"tensor {name!r}: the lorenzo filter needs rank >= 3 (..., H, W), got shape {shape}")
-    sym, extra = _quantize(name, x, codec, reference)
-    sym = sym.reshape(shape)
+    sym, raw, extra = _quantize(name, x, codec, reference)
     filt = filters.NONE
-    if level and filters.can_lorenzo(shape) and (
-            filter_mode == "lorenzo" or (filter_mode == "auto" and filters.lorenzo_pays(sym, INT_CODECS[codec]))):
-        sym, filt = filters.lorenzo_encode(sym), filters.LORENZO
-    sym = sym.reshape(-1)
-    raw = quant.pack_nibbles(sym & 0x0F) if codec == "int4" else sym
+    if level and filters.can_lorenzo(shape) and filter_mode in ("lorenzo", "auto"):
+        if sym is None:  # int4 bytes packed on the device; the filter works on symbols
+            sym = quant.unpack_nibbles(raw, x.numel())
+        sym = sym.reshape(shape)
+        if filter_mode == "lorenzo" or filters.lorenzo_pays(sym, INT_CODECS[codec]):
+            sym, filt, raw = filters.lorenzo_encode(sym), filters.LORENZO, None
+    if raw is None:
+        sym = sym.reshape(-1)
+        raw = quant.pack_nibbles(sym & 0x0F) if codec == "int4" else sym
     return filt, (_compressor(level).compress(raw) if level else memoryview(raw)), extra
 
 
 def _quantize(name, x, codec, reference):
-    """-> (uint8 symbols, header fields) for an int codec; numpy on CPU, torch on an accelerator."""
+    """-> (uint8 symbols, raw payload or None, header fields) for an int codec; numpy on CPU, the
+    kernels on an accelerator, where int4 is packed before it moves (symbols None, raw its bytes)."""
     levels = INT_CODECS[codec]
     shape = tuple(x.shape)
     b, c, m = quant.channel_view(shape)
@@ -195,12 +199,12 @@ def _quantize(name, x, codec, reference):
         coded = _residual(name, x3, reference, step, levels, on_cpu)
         if coded is not None:
             x3, lo, extra = coded
-    quantize = quant.quantize if on_cpu else quant.quantize_torch
-    sym = quantize(x3, lo.astype(np.float32), step, levels)
-    if not on_cpu:
-        sym = sym.cpu().numpy()
     extra["quant"] = np.concatenate([lo.astype("<f4"), step.astype("<f4")]).tobytes()
-    return sym, extra
+    if on_cpu:
+        return quant.quantize(x3, lo.astype(np.float32), step, levels), None, extra
+    packed = codec == "int4"
+    out = quant.quantize_torch(x3, lo.astype(np.float32), step, levels, packed=packed).cpu().numpy()
+    return (None, out, extra) if packed else (out, None, extra)
 
 
 def _residual(name, x3, reference, step, levels, on_cpu):
@@ -353,16 +357,16 @@ def _decode_float(h, raw):
 def _decode_int(h, raw, reference, device, where):
     levels = INT_CODECS[h.codec]
     n = h.numel
+    on_cpu = device is None or _numpy_path(torch.device(device))
+    # Without the Lorenzo filter, int4 moves to the device packed and is unpacked there.
+    packed = h.codec == "int4" and h.filter != filters.LORENZO and not on_cpu
     sym = np.frombuffer(raw, np.uint8)
-    if h.codec == "int4":
+    if h.codec == "int4" and not packed:
         sym = quant.unpack_nibbles(sym, n)
-    sym = sym.reshape(h.shape)
     if h.filter == filters.LORENZO:
-        sym = filters.lorenzo_decode(sym)
+        sym = filters.lorenzo_decode(sym.reshape(h.shape))
         if levels == 15:
             sym &= 0x0F
-    elif levels == 15 and n and sym.max() > 15:
-        raise ProtocolError(f"{where}: int4 symbols out of range")  # unreachable: nibbles are 4 bits
     b, c, m = quant.channel_view(h.shape)
     lo, step = h.lo_step()
     if h.reference is not None:
@@ -372,15 +376,14 @@ def _decode_int(h, raw, reference, device, where):
         if fingerprint(reference) != h.reference:
             raise ProtocolError(f"{where}: the reference given does not match the one it was coded against "
                                 f"({fingerprint(reference):016x} != {h.reference:016x})")
-    on_cpu = device is None or _numpy_path(torch.device(device))
     beta = np.frombuffer(h.beta, "<f4") if h.reference is not None else None
     if on_cpu:
         x3 = quant.dequantize(sym.reshape(b, c, m), lo, step)
         if beta is not None:
             x3 += beta[None, :, None] * _as_f32_numpy(reference, "reference").reshape(b, c, m)
         return torch.from_numpy(x3).reshape(h.shape)
-    q3 = torch.from_numpy(np.ascontiguousarray(sym).reshape(b, c, m).copy()).to(device)
-    x3 = quant.dequantize_torch(q3, lo, step)
+    q = torch.from_numpy(np.ascontiguousarray(sym).reshape(-1).copy()).to(device)
+    x3 = quant.dequantize_torch(q, lo, step, (b, c, m), packed=packed)
     if beta is not None:
         x3 += torch.from_numpy(beta.copy()).to(device)[None, :, None] * reference.to(device, torch.float32).reshape(b, c, m)
     return x3.reshape(h.shape)
