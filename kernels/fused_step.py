@@ -30,17 +30,29 @@ BLOCK = 1024  # elements per program: 4 KiB of float32 per operand, enough to ke
 
 
 @triton.jit
+def _weight(w_ptr, b, k, w_shared, K: tl.constexpr, PER_ROW: tl.constexpr):
+    if PER_ROW:
+        return tl.load(w_ptr + b * K + k)
+    return w_shared
+
+
+@triton.jit
 def _fused_step_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, w_ptr, coef_ptr, step_ptr, z_ptr, h_ptr,
-                       out_ptr, x0_ptr, m_ptr, n, clip,
-                       K: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_HIST: tl.constexpr,
+                       out_ptr, x0_ptr, m_ptr, n, clip, step_shared, w0, w1, w2, w3,
+                       K: tl.constexpr, PER_ROW: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_HIST: tl.constexpr,
                        WRITE_X0: tl.constexpr, WRITE_M: tl.constexpr, CLIP: tl.constexpr, NC: tl.constexpr,
                        BLOCK: tl.constexpr):
+    # PER_ROW: step index and weights come from (B,) and (B, K) tensors; otherwise they are scalar
+    # arguments shared by every row, so a step is one launch with nothing to upload (CUDA-graph safe).
     pid = tl.program_id(0)
     b = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     base = b.to(tl.int64) * n
-    row = tl.load(step_ptr + b).to(tl.int64) * NC
+    if PER_ROW:
+        row = tl.load(step_ptr + b).to(tl.int64) * NC
+    else:
+        row = step_shared.to(tl.int64) * NC
     px = tl.load(coef_ptr + row + 0)
     pm = tl.load(coef_ptr + row + 1)
     ex = tl.load(coef_ptr + row + 2)
@@ -53,13 +65,13 @@ def _fused_step_kernel(x_ptr, m0_ptr, m1_ptr, m2_ptr, m3_ptr, w_ptr, coef_ptr, s
     ah = tl.load(coef_ptr + row + 9)
 
     x = tl.load(x_ptr + base + offs, mask=mask).to(tl.float32)
-    m = tl.load(w_ptr + b * K) * tl.load(m0_ptr + base + offs, mask=mask).to(tl.float32)
+    m = _weight(w_ptr, b, 0, w0, K, PER_ROW) * tl.load(m0_ptr + base + offs, mask=mask).to(tl.float32)
     if K > 1:
-        m += tl.load(w_ptr + b * K + 1) * tl.load(m1_ptr + base + offs, mask=mask).to(tl.float32)
+        m += _weight(w_ptr, b, 1, w1, K, PER_ROW) * tl.load(m1_ptr + base + offs, mask=mask).to(tl.float32)
     if K > 2:
-        m += tl.load(w_ptr + b * K + 2) * tl.load(m2_ptr + base + offs, mask=mask).to(tl.float32)
+        m += _weight(w_ptr, b, 2, w2, K, PER_ROW) * tl.load(m2_ptr + base + offs, mask=mask).to(tl.float32)
     if K > 3:
-        m += tl.load(w_ptr + b * K + 3) * tl.load(m3_ptr + base + offs, mask=mask).to(tl.float32)
+        m += _weight(w_ptr, b, 3, w3, K, PER_ROW) * tl.load(m3_ptr + base + offs, mask=mask).to(tl.float32)
     x0 = px * x + pm * m
     if CLIP:
         x0 = tl.minimum(tl.maximum(x0, -clip), clip)
@@ -95,13 +107,14 @@ def fused_step(x, models, weights, coef, step, noise=None, hist=None, clip=None,
     backend: None (by device: Triton on CUDA, the CPU path on CPU), 'triton', 'cpu' or 'ref'.
     """
     _check(x, models, weights, coef, step, noise, hist)
-    if backend in ("cpu", None) and not x.is_cuda and isinstance(step, int) and not isinstance(weights, torch.Tensor):
-        return _fused_step_cpu_scalar(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
-    weights, step = _as_tensors(x, weights, step)
     if backend is None:
         backend = "triton" if x.is_cuda else "cpu"
     if backend == "triton":
         return _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
+    shared = isinstance(step, int) and not isinstance(weights, torch.Tensor)
+    if backend == "cpu" and shared and not x.is_cuda:
+        return _fused_step_cpu_scalar(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
+    weights, step = _as_tensors(x, weights, step)
     if backend == "cpu":
         return _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
     if backend == "ref":
@@ -132,8 +145,9 @@ def _check(x, models, weights, coef, step, noise, hist):
         raise ValueError(f"weights must be (B, K) = ({b}, {len(models)}) or K floats, got {shape}")
     if isinstance(step, torch.Tensor) and step.shape != (b,):
         raise ValueError(f"step must be (B,) = ({b},) or an int, got {tuple(step.shape)}")
-    if coef.dim() != 2 or coef.shape[1] != NCOEF:
-        raise ValueError(f"coef must be (steps, {NCOEF}), got {tuple(coef.shape)}")
+    if coef.dim() != 2 or coef.shape[1] != NCOEF or coef.dtype != torch.float32 or coef.device != x.device:
+        raise ValueError(f"coef must be a (steps, {NCOEF}) float32 tensor on {x.device}, got {tuple(coef.shape)} "
+                         f"{coef.dtype} on {coef.device}: use FusedSampler(scheduler, device=...).coef")
     if isinstance(step, int) and not 0 <= step < coef.shape[0]:
         raise ValueError(f"step {step} is outside the table's 0..{coef.shape[0] - 1}")
 
@@ -222,6 +236,14 @@ def _fused_step_cpu_scalar(x, models, weights, coef, step, noise, hist, clip, wa
 
 
 def _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m):
+    per_row = isinstance(step, torch.Tensor) or isinstance(weights, torch.Tensor)
+    if per_row:
+        weights, step = _as_tensors(x, weights, step)
+        w_shared, step_shared = [0.0] * MAX_MODELS, 0
+        weights, step = weights.to(torch.float32).contiguous(), step.contiguous()
+    else:
+        w_shared, step_shared = [float(w) for w in weights] + [0.0] * (MAX_MODELS - len(weights)), step
+        weights = step = coef  # unused pointers
     b = x.shape[0]
     n = x.numel() // b if b else 0
     xc = x.contiguous()
@@ -235,9 +257,8 @@ def _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x
     if b and n:
         grid = (triton.cdiv(n, BLOCK), b)
         _fused_step_kernel[grid](
-            xc, ms[0], ms[1], ms[2], ms[3], weights.to(torch.float32).contiguous(),
-            coef.to(torch.float32).contiguous(), step.contiguous(), z, h, out, x0, m, n,
-            float(clip) if clip is not None else 0.0,
-            K=len(models), HAS_NOISE=noise is not None, HAS_HIST=hist is not None, WRITE_X0=want_x0,
-            WRITE_M=want_m, CLIP=clip is not None, NC=NCOEF, BLOCK=BLOCK)
+            xc, ms[0], ms[1], ms[2], ms[3], weights, coef, step, z, h, out, x0, m, n,
+            float(clip) if clip is not None else 0.0, step_shared, *w_shared,
+            K=len(models), PER_ROW=per_row, HAS_NOISE=noise is not None, HAS_HIST=hist is not None,
+            WRITE_X0=want_x0, WRITE_M=want_m, CLIP=clip is not None, NC=NCOEF, BLOCK=BLOCK)
     return StepOutput(out, x0 if want_x0 else None, m if want_m else None)

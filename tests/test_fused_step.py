@@ -99,7 +99,7 @@ def test_schedule_lengths(steps):
         assert _run(cls, config, {}, {}, (1, 4, 5, 6), steps, "cpu") <= RTOL
 
 
-@pytest.mark.parametrize("backend", ["cpu", "ref"])
+@pytest.mark.parametrize("backend", ["cpu", "ref", "triton"])
 def test_per_row_batch_equals_rows_stepped_one_at_a_time(backend):
     s = DPMSolverMultistepScheduler(**SD)
     s.set_timesteps(12)
