@@ -218,6 +218,18 @@ def _fused_step_cpu_scalar(x, models, weights, coef, step, noise, hist, clip, wa
     cm = a0 * pm + ae * (em + e0 * pm)
     f32 = [t if t is None or t.dtype == torch.float32 else t.float() for t in [x, *models, noise, hist]]
     xf, ms, z, h = f32[0], f32[1:-2], f32[-2], f32[-1]
+    if want_x0 and not want_m and ae * em == 0:
+        # A multistep solver needs x_0 anyway: build it once (1 + K passes) and step from it, rather
+        # than folding x_next and rebuilding x_0 beside it (2 passes more).
+        x0 = torch.mul(xf, px)
+        for mk, wk in zip(ms, weights):
+            x0.add_(mk, alpha=pm * wk)
+        out = torch.mul(xf, ax + ae * ex).add_(x0, alpha=a0 + ae * e0)
+        if z is not None and an:
+            out.add_(z, alpha=an)
+        if h is not None and ah:
+            out.add_(h, alpha=ah)
+        return StepOutput(out.to(x.dtype), x0.to(x.dtype), None)
     out = torch.mul(xf, cx)
     for mk, wk in zip(ms, weights):
         out.add_(mk, alpha=cm * wk)
