@@ -47,7 +47,7 @@ def _profile(fn):
 
 
 @pytest.mark.parametrize("impl", ["fused", "torch.compile(ref)", "copy"])
-def test_step_on_device(impl, benchmark):
+def test_step_on_device(impl, benchmark, record):
     sampler, x, u, c, expected = _setup()
     nbytes = 4 * x.numel() * x.element_size()
     benchmark.group = f"fused step DDIM {DEVICE} {SHAPE}"
@@ -79,6 +79,7 @@ def test_step_on_device(impl, benchmark):
     assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     if benchmark.stats is not None:
         benchmark.extra_info["GB/s moved"] = round(nbytes / benchmark.stats.stats.median / 1e9, 3)
+    record(x, baseline=impl == "copy")  # the summary prints each row's speed over the copy's
 
 
 def _step_replays_in_a_cuda_graph():
