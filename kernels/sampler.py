@@ -17,6 +17,17 @@ class SolverState:
     x0_prev: torch.Tensor = None
 
 
+def noise_levels(scheduler):
+    """sigma of each step as a list of floats: the scheduler's own sigmas where it has them (Euler,
+    DPM-Solver++, flow matching), else sqrt((1 - abar_t) / abar_t) at each timestep (DDIM, DDPM)."""
+    n = len(scheduler.timesteps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None and len(sigmas) > n:
+        return [float(s) for s in sigmas[:n]]
+    abar = scheduler.alphas_cumprod.double()
+    return [float(((1 - abar[t]) / abar[t]).sqrt()) for t in scheduler.timesteps.tolist()]
+
+
 class FusedSampler:
     """Steps a diffusers scheduler's schedule with one fused pass per step.
 
@@ -41,6 +52,7 @@ class FusedSampler:
         self.coef = self.table.coef.to(device=device, dtype=torch.float32)
         self.timesteps = scheduler.timesteps
         self.num_steps = len(self.timesteps)
+        self.noise_levels = noise_levels(scheduler)
         self.backend = backend
 
     @property

@@ -1,6 +1,5 @@
 """The handoff message: a latent plus everything that must travel with it to continue denoising."""
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 

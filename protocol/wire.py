@@ -6,7 +6,6 @@ tensor until the frames are sent (pyzmq's ``copy=False`` with ``track=True`` tel
 """
 import threading
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -15,7 +14,7 @@ import zstandard
 
 from . import filters, quant
 from .errors import ProtocolError
-from .header import (DTYPES, FLOAT_CODECS, INT_CODECS, TensorHeader, channels, check_meta, pack_header,
+from .header import (DTYPES, FLOAT_CODECS, INT_CODECS, TensorHeader, check_meta, pack_header,
                      raw_bytes, unpack_header)
 from .limits import DEFAULT_LIMITS, MAX_NAME_BYTES, MAX_RANK, Limits
 

@@ -85,3 +85,24 @@ def test_forecast_history_is_plain_tensors_that_can_travel():
     h = ECDiff(2, 1).update(0, History(), torch.ones(3), 999.0)
     h = ECDiff(2, 1).update(1, h, torch.zeros(3), 979.0)
     assert [o.tolist() for o in h.outputs] == [[1.0] * 3, [0.0] * 3] and h.grad.tolist() == [-1.0] * 3
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_taylor_in_sigma_is_exact_when_the_model_output_is_a_polynomial_in_sigma(order):
+    s = DDIMScheduler(**SD)
+    s.set_timesteps(16)
+    sampler = FusedSampler(s)
+    abar = s.alphas_cumprod.double()
+    sigma = {int(t): float(((1 - abar[t]) / abar[t]).sqrt()) for t in s.timesteps}
+    assert sampler.noise_levels == pytest.approx([sigma[int(t)] for t in s.timesteps], rel=1e-12)
+    base = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(4))
+    model = lambda x, i, t: base * (sigma[t] / 10) ** order  # noqa: E731
+    x = torch.randn(1, 4, 5, 5, generator=torch.Generator().manual_seed(5))
+    every, _ = denoise(sampler, x, model)
+    seen = []
+    skipped, calls = denoise(sampler, x, model, Taylor(order, k=2, variable="sigma"),
+                             callback=lambda i, t, x_t, m, real: seen.append(real))
+    assert calls == sum(seen) < len(seen) == 16
+    torch.testing.assert_close(skipped, every, rtol=1e-4, atol=1e-4 * every.abs().max().item())
+    with pytest.raises(ValueError, match="variable"):
+        Taylor(1, variable="lambda")

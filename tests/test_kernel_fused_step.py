@@ -3,7 +3,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 
-from latentwire.kernels import FusedSampler, SolverState, fused_step, fused_step_ref
+from latentwire.kernels import FusedSampler, fused_step, fused_step_ref
 from latentwire.kernels.step_table import NCOEF
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
