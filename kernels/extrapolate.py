@@ -120,26 +120,43 @@ class Taylor:
         return History((history.outputs + [m])[-n:], (history.times + [float(t)])[-n:])
 
 
+def run_steps(sampler, x, guided, forecaster=None, *, start=0, stop=None, state=None, noise=None,
+              callback=None):
+    """Steps [start, stop) of the schedule from x (at step ``start``); forecasters count steps from
+    ``start``. guided(x, i, t) -> (models, weights) is the real model output as a weighted sum (classifier-
+    free guidance: [eps_u, eps_c], [1 - g, g]), so guidance stays inside the fused pass. noise(i) gives
+    the noise of stochastic samplers. callback(i, t, x_t, m, real) sees each step (m only when a
+    forecaster needs it, else None). Returns (x, state, model calls)."""
+    stop = sampler.num_steps if stop is None else stop
+    history, calls = History(), 0
+    timesteps = sampler.timesteps.tolist()
+    for i in range(start, stop):
+        t = timesteps[i]
+        z = noise(i) if noise is not None else None
+        j = i - start
+        v = sampler.noise_levels[i] if forecaster is not None and forecaster.variable == "sigma" else t
+        x_t = x
+        real = forecaster is None or forecaster.is_real(j)
+        if real:
+            models, weights = guided(x, i, t)
+            calls += 1
+        else:
+            models, weights = forecaster.forecast(history, v)
+        want_m = forecaster is not None or callback is not None
+        out = sampler.step_combined(x, i, models, weights, state=state, noise=z, want_m=want_m)
+        x, state, m = out if want_m else (*out, None)
+        if forecaster is not None:
+            history = forecaster.update(j, history, m, v)
+        if callback is not None:
+            callback(i, t, x_t, m, real)
+    return x, state, calls
+
+
 def denoise(sampler, x, model, forecaster=None, noise=None, callback=None):
     """Run the whole schedule: x_T -> x_0. model(x, i, t) returns the (guided) model output; with a
     forecaster it is called only at its real steps. noise(i) gives the noise of stochastic samplers.
     callback(i, t, x_t, m, real) sees each step's input, the model output it used and whether that
     was a real call. Returns (x, number of model calls)."""
-    state, history, calls = None, History(), 0
-    for i, t in enumerate(sampler.timesteps.tolist()):
-        z = noise(i) if noise is not None else None
-        v = sampler.noise_levels[i] if forecaster is not None and forecaster.variable == "sigma" else t
-        x_t = x
-        real = forecaster is None or forecaster.is_real(i)
-        if real:
-            m = model(x, i, t)
-            calls += 1
-            x, state = sampler.step(x, i, model_output=m, state=state, noise=z)
-        else:
-            models, weights = forecaster.forecast(history, v)
-            x, state, m = sampler.step_combined(x, i, models, weights, state=state, noise=z, want_m=True)
-        if forecaster is not None:
-            history = forecaster.update(i, history, m, v)
-        if callback is not None:
-            callback(i, t, x_t, m, real)
+    x, _, calls = run_steps(sampler, x, lambda x, i, t: ([model(x, i, t)], [1.0]), forecaster, noise=noise,
+                            callback=callback)
     return x, calls

@@ -11,7 +11,8 @@ from .tables import table_for
 class SolverState:
     """What a multistep solver carries from one step to the next, and across a handoff.
 
-    x0_prev: DPM-Solver++'s previous data prediction x_0 (B, ...), or None before the first step.
+    x0_prev: DPM-Solver++'s previous data prediction x_0 (B, ...), or None before the first step (a
+    multistep solver with no history takes a first-order step, as diffusers' does at step 0).
     """
 
     x0_prev: torch.Tensor = None
@@ -48,8 +49,11 @@ class FusedSampler:
         elif eta or use_clipped_model_output:
             raise ValueError(f"eta and use_clipped_model_output are DDIM options; {type(scheduler).__name__} "
                              "takes neither")
+        self.scheduler = scheduler  # read, never stepped: its schedule and add_noise
         self.table = table_for(scheduler, **opts)
         self.coef = self.table.coef.to(device=device, dtype=torch.float32)
+        self.coef_first_order = (None if self.table.first_order is None
+                                 else self.table.first_order.to(device=device, dtype=torch.float32))
         self.timesteps = scheduler.timesteps
         self.num_steps = len(self.timesteps)
         self.noise_levels = noise_levels(scheduler)
@@ -92,10 +96,12 @@ class FusedSampler:
         if self.table.stochastic and noise is None:
             raise ValueError("this scheduler adds noise at each step: pass noise=torch.randn_like(x) "
                              "(drawn from your generator)")
-        hist = None
+        coef, hist = self.coef, None
         if self.table.multistep:
-            hist = state.x0_prev if state is not None and state.x0_prev is not None else torch.zeros_like(x)
-        out = fused_step(x, models, weights, self.coef, step, noise=noise if self.table.stochastic else None,
+            hist = state.x0_prev if state is not None else None
+            if hist is None:  # no history: a first-order step, as diffusers takes its first one
+                coef = self.coef_first_order
+        out = fused_step(x, models, weights, coef, step, noise=noise if self.table.stochastic else None,
                          hist=hist, clip=self.table.clip, want_x0=self.table.multistep, want_m=want_m,
                          backend=self.backend)
         state = SolverState(x0_prev=out.x0)

@@ -31,12 +31,15 @@ class StepTable:
     clip: float = None  # clamp x0 to [-clip, clip], or None
     stochastic: bool = False  # some row has AN != 0: step() needs noise
     multistep: bool = False  # some row has AH != 0: step() needs the previous x0
+    first_order: torch.Tensor = None  # multistep solvers: the first-order row of every step, for a
+    # solver with no history yet (its first step, or a receiver that restarts after a handoff)
 
     @classmethod
-    def from_rows(cls, rows, clip=None):
+    def from_rows(cls, rows, clip=None, first_order_rows=None):
         coef = torch.tensor(rows, dtype=torch.float64).reshape(-1, NCOEF)
+        first = None if first_order_rows is None else torch.tensor(first_order_rows, dtype=torch.float64)
         return cls(coef=coef, clip=clip, stochastic=bool((coef[:, AN] != 0).any()),
-                   multistep=bool((coef[:, AH] != 0).any()))
+                   multistep=bool((coef[:, AH] != 0).any()), first_order=first)
 
 
 def row(**values):

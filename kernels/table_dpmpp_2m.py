@@ -35,7 +35,7 @@ def table(scheduler):
     pred = prediction_type(scheduler, ("epsilon", "sample", "v_prediction", "flow_prediction"))
     sigmas = scheduler.sigmas.double().tolist()
     n = len(scheduler.timesteps)
-    rows = []
+    rows, first_rows = [], []
     for i in range(n):
         alpha_s, sigma_s = _alpha_sigma(scheduler, sigmas[i])
         alpha_t, sigma_t = _alpha_sigma(scheduler, sigmas[i + 1])
@@ -47,6 +47,7 @@ def table(scheduler):
         # diffusers' order rule: first order at step 0 and, under these conditions, at the last step
         final_first = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
                                       or cfg.final_sigmas_type == "zero")
+        first_rows.append(row(**x0, ax=ax, a0=-c))
         if cfg.solver_order == 1 or i == 0 or final_first:
             rows.append(row(**x0, ax=ax, a0=-c))
             continue
@@ -57,4 +58,4 @@ def table(scheduler):
         else:
             k = alpha_t * ((math.exp(-h) - 1.0) / h + 1.0)
             rows.append(row(**x0, ax=ax, a0=-c + k / r0, ah=-k / r0))
-    return StepTable.from_rows(rows)
+    return StepTable.from_rows(rows, first_order_rows=first_rows)

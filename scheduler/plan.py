@@ -1,0 +1,187 @@
+"""Split plans: which side computes each denoising step, as plain data.
+
+A plan is a sequence of segments over the step indices of one configured diffusers scheduler; each
+segment is run by one side (``cloud`` or ``edge``), optionally with K-step noise forecasting (then
+some of its steps are ``forecast``: no model call), and the latent crosses the network wherever the
+side changes. The built-in plans are the systems latentwire implements, with their papers' defaults:
+
+    cloud-only       C C C C C C C C
+    edge-only        E E E E E E E E
+    hybrid-sd        C C C E E E E E        the cloud lays out semantics, the edge refines (k steps)
+    ec-diff          C C C f C f E E        EC-Diff: cloud with K-step forecasting up to step s, then edge
+    preview-refine   E E E E E E E E | C C   DiffusionX: an edge preview, re-noised to `strength` and
+                                             refined by the cloud to the end
+"""
+from dataclasses import dataclass, field
+
+import msgpack
+
+SIDES = ("cloud", "edge")
+FORECASTERS = ("ecdiff", "taylor")
+
+
+class PlanError(ValueError):
+    """A plan that cannot run: the text says which part and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Steps [start, stop) run by ``side``. forecast: () for a model call at every step, or
+    ("ecdiff", p, k, a) / ("taylor", order, k). renoise: the segment first re-noises the latent it
+    receives (taken as a clean x_0) to the noise level of step ``start`` (preview-refine)."""
+
+    side: str
+    start: int
+    stop: int
+    forecast: tuple = ()
+    renoise: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    num_steps: int
+    segments: tuple
+    params: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        check(self)
+
+    def labels(self):
+        """Per executed step, in order: (step index, 'cloud' | 'edge' | 'forecast')."""
+        out = []
+        for seg in self.segments:
+            fc = forecaster(seg)
+            for i in range(seg.start, seg.stop):
+                real = fc is None or fc.is_real(i - seg.start)
+                out.append((i, seg.side if real else "forecast"))
+        return out
+
+    def crossings(self):
+        """Indices into ``segments`` where the latent crosses the network (the side changes)."""
+        return [j for j in range(1, len(self.segments)) if self.segments[j].side != self.segments[j - 1].side]
+
+    def __str__(self):
+        marks = {"cloud": "C", "edge": "E"}
+        parts = []
+        for seg in self.segments:
+            fc = forecaster(seg)
+            s = "".join(marks[seg.side] if fc is None or fc.is_real(i - seg.start) else "f"
+                        for i in range(seg.start, seg.stop))
+            parts.append(("~" if seg.renoise else "") + s)
+        return f"{self.name} {self.params} [{' | '.join(parts)}]"  # ~: re-noised; f: forecast
+
+    def to_msgpack(self):
+        return msgpack.packb({"name": self.name, "num_steps": self.num_steps, "params": self.params,
+                              "segments": [[s.side, s.start, s.stop, list(s.forecast), s.renoise]
+                                           for s in self.segments]}, use_bin_type=True)
+
+    @classmethod
+    def from_msgpack(cls, data):
+        try:
+            d = msgpack.unpackb(data, raw=False)
+            segments = tuple(Segment(side, start, stop, tuple(fc), bool(renoise))
+                             for side, start, stop, fc, renoise in d["segments"])
+            return cls(d["name"], d["num_steps"], segments, d.get("params", {}))
+        except PlanError:
+            raise
+        except Exception as e:
+            raise PlanError(f"not a serialized plan ({type(e).__name__}: {e})") from None
+
+
+def forecaster(seg):
+    """The kernels' forecaster for a segment (steps counted from the segment's start), or None."""
+    if not seg.forecast:
+        return None
+    from latentwire.kernels import ECDiff, Taylor
+
+    kind, *args = seg.forecast
+    return ECDiff(*args) if kind == "ecdiff" else Taylor(*args)
+
+
+def check(plan):
+    """Raise PlanError unless the plan's segments are well formed."""
+    n = plan.num_steps
+    if type(n) is not int or n < 1:
+        raise PlanError(f"plan {plan.name!r}: num_steps must be a positive int, got {n!r}")
+    if not plan.segments:
+        raise PlanError(f"plan {plan.name!r} has no segments")
+    expected = 0
+    for j, seg in enumerate(plan.segments):
+        where = f"plan {plan.name!r} segment {j}"
+        if seg.side not in SIDES:
+            raise PlanError(f"{where}: side must be one of {SIDES}, got {seg.side!r}")
+        if not (type(seg.start) is int and type(seg.stop) is int and 0 <= seg.start < seg.stop <= n):
+            raise PlanError(f"{where}: steps [{seg.start}, {seg.stop}) are not a non-empty range within 0..{n}")
+        if seg.renoise:
+            if j == 0:
+                raise PlanError(f"{where}: the first segment has no latent to re-noise")
+        elif seg.start != expected:
+            raise PlanError(f"{where}: starts at step {seg.start}, but the plan is at step {expected}; "
+                            "segments must follow each other (only a re-noising segment may go back)")
+        if seg.forecast:
+            if seg.forecast[0] not in FORECASTERS:
+                raise PlanError(f"{where}: forecast must be one of {FORECASTERS}, got {seg.forecast[0]!r}")
+            try:
+                forecaster(seg)
+            except (TypeError, ValueError) as e:
+                raise PlanError(f"{where}: {e}") from None
+        expected = seg.stop
+    if expected != n:
+        raise PlanError(f"plan {plan.name!r} ends at step {expected} of {n}: the last segment must reach the end")
+
+
+def _steps(num_steps, name, value, lo, hi):
+    if type(value) is not int or not lo <= value <= hi:
+        raise PlanError(f"{name}: {value!r} is outside {lo}..{hi} for a {num_steps}-step schedule")
+    return value
+
+
+def cloud_only(num_steps):
+    return Plan("cloud-only", num_steps, (Segment("cloud", 0, num_steps),))
+
+
+def edge_only(num_steps):
+    return Plan("edge-only", num_steps, (Segment("edge", 0, num_steps),))
+
+
+def hybrid_sd(num_steps, k=None):
+    """Hybrid SD: the cloud runs the first k steps (default: the first 40%), the edge the rest."""
+    k = round(0.4 * num_steps) if k is None else k
+    _steps(num_steps, "hybrid-sd k (cloud steps)", k, 1, num_steps - 1)
+    return Plan("hybrid-sd", num_steps, (Segment("cloud", 0, k), Segment("edge", k, num_steps)), {"k": k})
+
+
+def ec_diff(num_steps, p=3, k=1, a=1.0, s=None):
+    """EC-Diff: the cloud runs steps 0..s-1, calling its model at the first p and then every k+1
+    (forecasting between), the edge the rest. Defaults: s = 60% of the steps, p = 3, k = 1, a = 1
+    (EC-Diff's rule is stable only for a*k < 1: bench/README.md)."""
+    s = round(0.6 * num_steps) if s is None else s
+    _steps(num_steps, "ec-diff s (switch step)", s, max(p, 1), num_steps - 1)
+    return Plan("ec-diff", num_steps, (Segment("cloud", 0, s, ("ecdiff", p, k, a)), Segment("edge", s, num_steps)),
+                {"p": p, "k": k, "a": a, "s": s})
+
+
+def preview_refine(num_steps, strength=0.5):
+    """DiffusionX: the edge runs every step for a preview; the cloud re-noises it to ``strength`` (the
+    share of the schedule redone) and denoises to the end."""
+    if not 0 < strength <= 1:
+        raise PlanError(f"preview-refine strength must be in (0, 1], got {strength!r}")
+    start = num_steps - max(1, round(strength * num_steps))
+    return Plan("preview-refine", num_steps,
+                (Segment("edge", 0, num_steps), Segment("cloud", start, num_steps, renoise=True)),
+                {"strength": strength})
+
+
+BUILT_IN = {"cloud-only": cloud_only, "edge-only": edge_only, "hybrid-sd": hybrid_sd, "ec-diff": ec_diff,
+            "preview-refine": preview_refine}
+
+
+def make(name, num_steps, **params):
+    """A built-in plan by name, with its parameters."""
+    if name not in BUILT_IN:
+        raise PlanError(f"unknown plan {name!r}; built in: {', '.join(BUILT_IN)}")
+    try:
+        return BUILT_IN[name](num_steps, **params)
+    except TypeError as e:
+        raise PlanError(f"plan {name!r}: {e}") from None
