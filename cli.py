@@ -10,6 +10,78 @@ def _codecs(args):
     return 0
 
 
+LOOPBACK = "127.0.0.1"
+NON_LOOPBACK_HINT = ("binding a non-loopback address sends latents in the clear; "
+                     "CURVE encryption comes with the serving layer")
+
+
+def _check_loopback(addr):
+    """tcp:// endpoints must be on loopback here; ipc:// paths are local by nature."""
+    if addr.startswith("tcp://") and not addr[len("tcp://"):].startswith((LOOPBACK, "localhost")):
+        raise SystemExit(f"latentwire: {addr}: only tcp://127.0.0.1:PORT or ipc://PATH for now ({NON_LOOPBACK_HINT})")
+
+
+def _cloud(args):
+    import logging
+
+    from latentwire.pipelines.sd import StableDiffusionModel
+    from latentwire.scheduler.cloud import CloudServer
+
+    _check_loopback(args.bind)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    model = StableDiffusionModel.from_pretrained(args.model)
+    server = CloudServer(model, args.bind, preview_every=args.preview_every)
+    print(f"latentwire cloud: serving {args.model} on {server.endpoint}", flush=True)
+    server.serve_forever()
+    print("latentwire cloud: stopped", flush=True)
+    return 0
+
+
+def _edge(args):
+    import json
+    import time
+
+    from latentwire.pipelines.sd import StableDiffusionModel
+    from latentwire.scheduler import SessionSpec, make
+    from latentwire.scheduler.edge import CloudError, CloudUnavailable, EdgeClient, summary_dict
+    from latentwire.scheduler.wire import Codecs
+
+    _check_loopback(args.connect)
+    model = StableDiffusionModel.from_pretrained(args.model)
+    params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
+                                ("strength", args.strength)) if v is not None}
+    plan = make(args.plan, args.steps, **params)
+    scheduler = model.make_scheduler()
+    spec = SessionSpec(prompt=args.prompt, negative_prompt=args.negative_prompt, plan=plan,
+                       scheduler=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
+                       guidance_scale=args.guidance, seed=args.seed)
+    codecs = Codecs(latent=(args.latent_codec, args.latent_level), state=(args.state_codec, 0))
+    labels = dict(plan.labels())
+    if not args.json:
+        print(plan, file=sys.stderr)
+    client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout,
+                        on_preview=None if args.json else
+                        lambda step, x: print(f"  step {step + 1}/{plan.num_steps} ({labels.get(step)}): preview",
+                                              file=sys.stderr))
+    start = time.perf_counter()
+    try:
+        latent, summary = client.generate(spec)
+    except (CloudUnavailable, CloudError) as e:
+        print(f"latentwire edge: {e}", file=sys.stderr)
+        return 2
+    image = model.decode(latent)
+    image.save(args.out)
+    wall = time.perf_counter() - start
+    if args.json:
+        print(json.dumps(summary_dict(summary, bytes_up=client.bytes_up, bytes_down=client.bytes_down,
+                                      wall_s=round(wall, 3), degraded=False, output=args.out)))
+    else:
+        print(f"wrote {args.out} in {wall:.2f} s: cloud calls {summary.cloud_model_calls}, edge calls "
+              f"{summary.edge_model_calls}, forecast steps {summary.forecast_steps}, "
+              f"{client.bytes_up} B up, {client.bytes_down} B down", file=sys.stderr)
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="latentwire",
@@ -25,6 +97,37 @@ def build_parser():
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--level", type=int, nargs="+", default=[0, 3], help="zstd levels to show (0 = off)")
     c.set_defaults(func=_codecs)
+
+    c = sub.add_parser("cloud", help="serve a diffusers Stable-Diffusion-style model to edges",
+                       description="Load a diffusers pipeline folder and serve edge sessions until SIGTERM, "
+                                   "which finishes the request in flight.")
+    c.add_argument("--bind", default="tcp://127.0.0.1:5555", help="tcp://127.0.0.1:PORT or ipc://PATH")
+    c.add_argument("--model", required=True, help="a folder StableDiffusionPipeline.from_pretrained loads")
+    c.add_argument("--preview-every", type=int, default=0, help="stream a preview latent every N steps (0: off)")
+    c.set_defaults(func=_cloud)
+
+    e = sub.add_parser("edge", help="generate one image, running the plan's edge steps here",
+                       description="Run a split plan against a cloud: the edge's steps here, the cloud's there.")
+    e.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    e.add_argument("--model", required=True, help="the edge's diffusers pipeline folder")
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--negative-prompt", default="")
+    e.add_argument("--plan", default="hybrid-sd", help="cloud-only, edge-only, hybrid-sd, ec-diff, preview-refine")
+    e.add_argument("--k", type=int, help="hybrid-sd: cloud steps; ec-diff: skipped steps between real calls")
+    e.add_argument("--p", type=int, help="ec-diff: real steps at the start")
+    e.add_argument("--a", type=float, help="ec-diff: slope scale")
+    e.add_argument("--s", type=int, help="ec-diff: switch step")
+    e.add_argument("--strength", type=float, help="preview-refine: share of the schedule the cloud redoes")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--guidance", type=float, default=7.5)
+    e.add_argument("--latent-codec", default="int8")
+    e.add_argument("--latent-level", type=int, default=3)
+    e.add_argument("--state-codec", default="fp16")
+    e.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
+    e.add_argument("--out", default="out.png")
+    e.add_argument("--json", action="store_true", help="print one JSON object with the run's summary")
+    e.set_defaults(func=_edge)
     return p
 
 

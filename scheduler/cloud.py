@@ -1,0 +1,104 @@
+"""The cloud daemon: serves `run` requests, each a whole cloud segment of one generation.
+
+One request runs every step of its segments without a round trip (the edge sent the session with the
+prompt, seed, scheduler and plan; the cloud encodes the prompt itself and, at the start of a
+generation, draws x_T from the seed, so x_T never crosses the network), streams a small preview every
+`preview_every` steps, and replies with the handoff. Requests are served one at a time here; batching
+many sessions' steps is the serving layer's job. SIGTERM (or `stop()`) finishes the request in flight,
+then returns.
+"""
+import logging
+import signal
+import threading
+
+import zmq
+
+from latentwire.kernels import FusedSampler, SolverState
+
+from . import wire
+from .executor import run_segment
+from .plan import PlanError
+from .session import SessionSpec
+
+POLL_MS = 100  # how often the loop looks at its stop flag while idle
+LINGER_MS = 0  # unsent replies are dropped at close: an edge waiting on them times out by itself
+log = logging.getLogger("latentwire.cloud")
+
+
+class CloudServer:
+    """Serve ``model`` on ``bind`` (tcp://127.0.0.1:PORT or ipc://PATH)."""
+
+    def __init__(self, model, bind, *, preview_every=0, context=None):
+        self.model = model
+        self.preview_every = preview_every
+        self._ctx = context or zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.linger = LINGER_MS
+        self._sock.bind(bind)
+        self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._conditioning = {}
+
+    def stop(self):
+        self._stop.set()
+
+    def serve_forever(self, install_signals=True):
+        if install_signals and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        try:
+            while not self._stop.is_set():
+                if self._sock.poll(POLL_MS):
+                    self._serve_one(self._sock.recv_multipart(copy=False))
+        finally:
+            self._sock.close()
+
+    def _serve_one(self, frames):
+        peer, request_id, body = frames[0], frames[1], frames[2:]
+        reply = lambda msg, codecs: self._sock.send_multipart([peer, request_id] + wire.encode(msg, codecs), copy=False)  # noqa: E731
+        codecs = wire.Codecs()
+        try:
+            msg = wire.decode(body)
+            if msg.kind != "run":
+                raise PlanError(f"the cloud serves 'run' requests, got {msg.kind!r}")
+            codecs = wire.Codecs.from_meta(msg.meta.get("codecs"))
+            out = self._run(msg, lambda step, x: reply(wire.Message("preview", {"step": step}, x), codecs))
+            reply(out, codecs)
+        except (ValueError, zmq.ZMQError) as e:  # ProtocolError and PlanError are ValueErrors
+            log.warning("request refused: %s", e)
+            reply(wire.Message("error", {"message": f"{type(e).__name__}: {e}"}), codecs)
+
+    def _run(self, msg, preview):
+        spec = SessionSpec.from_msgpack(msg.meta["session"])
+        a, b = msg.meta["segments"]
+        plan = spec.plan
+        if not 0 <= a < b <= len(plan.segments) or any(s.side != "cloud" for s in plan.segments[a:b]):
+            raise PlanError(f"segments [{a}, {b}) of plan {plan.name!r} are not the cloud's to run")
+        for what in ("latent_space", "text_space"):
+            theirs, ours = msg.meta.get(what), _plain(getattr(self.model, what))
+            if theirs != ours:
+                raise PlanError(f"the edge's model differs from the cloud's in {what.replace('_', ' ')} "
+                                f"({theirs} vs {ours}); a handoff needs both the same")
+        scheduler = spec.make_scheduler()
+        sampler = FusedSampler(scheduler)
+        x = msg.latent if msg.latent is not None else self.model.initial_noise(spec.seed)
+        state = None if spec.restart_solver or msg.x0_prev is None else SolverState(msg.x0_prev)
+        key = (spec.prompt, spec.negative_prompt)
+        if key not in self._conditioning:
+            self._conditioning = {key: self.model.encode_prompt(*key)}  # one session's worth of cache
+        calls = forecasts = 0
+        every = self.preview_every
+        callback = (lambda i, t, x_t, m, real: preview(i, x_t) if (i + 1) % every == 0 else None) if every else None
+        for seg in plan.segments[a:b]:
+            x, state, n = run_segment(spec, seg, sampler, self.model, self._conditioning[key], x, state, callback)
+            calls += n
+            forecasts += (seg.stop - seg.start) - n
+        return wire.Message("handoff", {"step": plan.segments[b - 1].stop, "model_calls": calls,
+                                        "forecast_steps": forecasts}, x, state.x0_prev if state else None)
+
+
+def _plain(value):
+    """A model's space description as msgpack hands it back (tuples become lists)."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,114 @@
+"""The edge side: runs its segments of a plan locally and sends the cloud's segments to the cloud.
+
+    session = EdgeClient("tcp://127.0.0.1:5555", model)
+    latent, summary = session.generate(spec)
+"""
+import time
+import uuid
+from dataclasses import asdict
+
+import zmq
+
+from latentwire.kernels import FusedSampler, SolverState
+from latentwire.protocol import wire_bytes
+
+from . import wire
+from .cloud import _plain
+from .executor import Summary, run_segment
+
+DEFAULT_TIMEOUT_S = 120.0  # a whole cloud segment on a real model; tests pass their own
+LINGER_MS = 0
+
+
+class CloudUnavailable(RuntimeError):
+    """The cloud did not answer within the deadline (not running, unreachable, or died mid-request)."""
+
+
+class CloudError(RuntimeError):
+    """The cloud refused a request; the text is the cloud's reason."""
+
+
+class EdgeClient:
+    def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, context=None):
+        self.connect, self.model = connect, model
+        self.codecs = codecs or wire.Codecs()
+        self.timeout_s = timeout_s
+        self.on_preview = on_preview  # on_preview(step, latent) for each preview the cloud streams
+        self._ctx = context or zmq.Context.instance()
+        self.bytes_up = self.bytes_down = 0
+
+    def generate(self, spec):
+        """Run ``spec`` (a SessionSpec) -> (latent, Summary). The edge's own segments run here."""
+        plan = spec.plan
+        sampler = FusedSampler(spec.make_scheduler())
+        summary = Summary(plan=plan.name, steps=plan.num_steps, labels=plan.labels())
+        x, state, conditioning = None, None, None
+        j = 0
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = LINGER_MS
+        sock.connect(self.connect)
+        try:
+            while j < len(plan.segments):
+                seg = plan.segments[j]
+                if j and seg.side != plan.segments[j - 1].side:
+                    summary.handoffs += 1
+                    if spec.restart_solver:
+                        state = None
+                if seg.side == "cloud":
+                    k = j
+                    while k < len(plan.segments) and plan.segments[k].side == "cloud":
+                        k += 1
+                    x, state, calls, forecasts = self._remote(sock, spec, j, k, x, state)
+                    summary.cloud_model_calls += calls
+                    summary.forecast_steps += forecasts
+                    j = k
+                    continue
+                if x is None:
+                    x = self.model.initial_noise(spec.seed)
+                if conditioning is None:
+                    conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
+                x, state, calls = run_segment(spec, seg, sampler, self.model, conditioning, x, state)
+                summary.edge_model_calls += calls
+                summary.forecast_steps += (seg.stop - seg.start) - calls
+                j += 1
+        finally:
+            sock.close()
+        return x, summary
+
+    def _remote(self, sock, spec, a, b, x, state):
+        request_id = uuid.uuid4().bytes
+        msg = wire.Message("run", {"session": spec.to_msgpack(), "segments": [a, b],
+                                   "codecs": self.codecs.to_meta(),
+                                   # the cloud checks its model against these before it runs anything
+                                   "latent_space": _plain(self.model.latent_space),
+                                   "text_space": _plain(self.model.text_space)},
+                           x, state.x0_prev if state is not None and not spec.restart_solver else None)
+        frames = wire.encode(msg, self.codecs)
+        self.bytes_up += wire_bytes(frames)
+        sock.send_multipart([request_id] + frames, copy=False)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+                raise CloudUnavailable(f"no answer from the cloud at {self.connect} within {self.timeout_s:g} s: "
+                                       "is `latentwire cloud` running there, and reachable?")
+            reply = sock.recv_multipart(copy=False)
+            if bytes(reply[0]) != request_id:
+                continue  # a late reply to an earlier, abandoned request
+            self.bytes_down += wire_bytes(reply[1:])
+            m = wire.decode(reply[1:])
+            if m.kind == "preview":
+                if self.on_preview is not None:
+                    self.on_preview(m.meta["step"], m.latent)
+                continue
+            if m.kind == "error":
+                raise CloudError(m.meta.get("message", "the cloud refused the request"))
+            state = SolverState(m.x0_prev) if m.x0_prev is not None else None
+            return m.latent, state, m.meta["model_calls"], m.meta["forecast_steps"]
+
+
+def summary_dict(summary, **extra):
+    d = asdict(summary)
+    d.pop("labels")
+    d.update(extra)
+    return d
