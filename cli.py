@@ -28,6 +28,10 @@ def _cloud(args):
     from latentwire.scheduler.cloud import CloudServer
 
     _check_loopback(args.bind)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model = StableDiffusionModel.from_pretrained(args.model)
     server = CloudServer(model, args.bind, preview_every=args.preview_every)
@@ -69,7 +73,7 @@ def _edge(args):
     except (CloudUnavailable, CloudError) as e:
         print(f"latentwire edge: {e}", file=sys.stderr)
         return 2
-    image = model.decode(latent)
+    image = model.decode(latent)[0]  # one PIL image per latent in the batch
     image.save(args.out)
     wall = time.perf_counter() - start
     if args.json:
@@ -104,6 +108,9 @@ def build_parser():
     c.add_argument("--bind", default="tcp://127.0.0.1:5555", help="tcp://127.0.0.1:PORT or ipc://PATH")
     c.add_argument("--model", required=True, help="a folder StableDiffusionPipeline.from_pretrained loads")
     c.add_argument("--preview-every", type=int, default=0, help="stream a preview latent every N steps (0: off)")
+    c.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); results are bitwise reproducible only "
+                        "between processes with the same count")
     c.set_defaults(func=_cloud)
 
     e = sub.add_parser("edge", help="generate one image, running the plan's edge steps here",

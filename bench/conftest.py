@@ -23,7 +23,10 @@ _rows = []  # (group, name, extra_info) of every recorded benchmark, for the sum
 
 
 def pytest_configure(config):
-    cases.one_core()
+    # Timing runs are one-core runs. `make test` also runs a benchmark file as a plain test
+    # (--benchmark-disable): leave the threads of that test session alone then.
+    if not config.getoption("benchmark_disable", default=False):
+        cases.one_core()
 
 
 def rounds_for(x):

@@ -142,7 +142,8 @@ def run_steps(sampler, x, guided, forecaster=None, *, start=0, stop=None, state=
             calls += 1
         else:
             models, weights = forecaster.forecast(history, v)
-        want_m = forecaster is not None or callback is not None
+        # m costs passes over memory (and changes the CPU path's rounding order); only a forecaster needs it
+        want_m = forecaster is not None
         out = sampler.step_combined(x, i, models, weights, state=state, noise=z, want_m=want_m)
         x, state, m = out if want_m else (*out, None)
         if forecaster is not None:
@@ -155,8 +156,8 @@ def run_steps(sampler, x, guided, forecaster=None, *, start=0, stop=None, state=
 def denoise(sampler, x, model, forecaster=None, noise=None, callback=None):
     """Run the whole schedule: x_T -> x_0. model(x, i, t) returns the (guided) model output; with a
     forecaster it is called only at its real steps. noise(i) gives the noise of stochastic samplers.
-    callback(i, t, x_t, m, real) sees each step's input, the model output it used and whether that
-    was a real call. Returns (x, number of model calls)."""
+    callback(i, t, x_t, m, real) sees each step's input, whether it was a real call, and, when a
+    forecaster runs, the model output the step used (else m is None). Returns (x, number of model calls)."""
     x, _, calls = run_steps(sampler, x, lambda x, i, t: ([model(x, i, t)], [1.0]), forecaster, noise=noise,
                             callback=callback)
     return x, calls

@@ -16,7 +16,7 @@ import zmq
 from latentwire.kernels import FusedSampler, SolverState
 
 from . import wire
-from .executor import run_segment
+from .executor import initial_noise, run_segment
 from .plan import PlanError
 from .session import SessionSpec
 
@@ -81,7 +81,7 @@ class CloudServer:
                                 f"({theirs} vs {ours}); a handoff needs both the same")
         scheduler = spec.make_scheduler()
         sampler = FusedSampler(scheduler)
-        x = msg.latent if msg.latent is not None else self.model.initial_noise(spec.seed)
+        x = msg.latent if msg.latent is not None else initial_noise(self.model, spec.seed, scheduler)
         state = None if spec.restart_solver or msg.x0_prev is None else SolverState(msg.x0_prev)
         key = (spec.prompt, spec.negative_prompt)
         if key not in self._conditioning:

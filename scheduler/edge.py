@@ -14,7 +14,7 @@ from latentwire.protocol import wire_bytes
 
 from . import wire
 from .cloud import _plain
-from .executor import Summary, run_segment
+from .executor import Summary, initial_noise, run_segment
 
 DEFAULT_TIMEOUT_S = 120.0  # a whole cloud segment on a real model; tests pass their own
 LINGER_MS = 0
@@ -40,7 +40,8 @@ class EdgeClient:
     def generate(self, spec):
         """Run ``spec`` (a SessionSpec) -> (latent, Summary). The edge's own segments run here."""
         plan = spec.plan
-        sampler = FusedSampler(spec.make_scheduler())
+        scheduler = spec.make_scheduler()
+        sampler = FusedSampler(scheduler)
         summary = Summary(plan=plan.name, steps=plan.num_steps, labels=plan.labels())
         x, state, conditioning = None, None, None
         j = 0
@@ -64,7 +65,7 @@ class EdgeClient:
                     j = k
                     continue
                 if x is None:
-                    x = self.model.initial_noise(spec.seed)
+                    x = initial_noise(self.model, spec.seed, scheduler)
                 if conditioning is None:
                     conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
                 x, state, calls = run_segment(spec, seg, sampler, self.model, conditioning, x, state)

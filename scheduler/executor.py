@@ -2,8 +2,9 @@
 (both sides' models in one process) that a two-process run must equal.
 
 A model here is anything with the interface of ``latentwire.pipelines.sd.StableDiffusionModel``:
-``encode_prompt(prompt, negative) -> (cond, uncond)``, ``eps(x, t, cond, uncond) -> (eps_cond,
-eps_uncond)``, ``initial_noise(seed) -> x_T``, and ``latent_space`` / ``text_space`` descriptions.
+``encode_prompt(prompt, negative) -> (cond, uncond)``, ``eps(x, t, cond, uncond, scheduler=) ->
+(eps_cond, eps_uncond)`` (the scheduler scales the model input where it needs to, as Euler's does),
+``initial_noise(seed, scheduler=) -> x_T``, and ``latent_space`` / ``text_space`` descriptions.
 """
 from dataclasses import dataclass, field
 
@@ -40,6 +41,11 @@ def check_models(plan, models):
                                 f"({getattr(cloud, what)} vs {getattr(edge, what)}); a handoff needs both the same")
 
 
+def initial_noise(model, seed, scheduler):
+    """x_T from the seed, drawn on the CPU so that every side, whatever its device, draws the same."""
+    return model.initial_noise(seed, scheduler=scheduler, generator_device="cpu")
+
+
 def run_segment(spec, seg, sampler, model, conditioning, x, state, callback=None):
     """Run one segment of ``spec.plan`` from latent x (and solver state) -> (x, state, model calls).
     conditioning: (cond, uncond) text embeddings from this side's own text encoder."""
@@ -51,7 +57,7 @@ def run_segment(spec, seg, sampler, model, conditioning, x, state, callback=None
         state = None
 
     def guided(x, i, t):
-        eps_c, eps_u = model.eps(x, t, cond, uncond)
+        eps_c, eps_u = model.eps(x, t, cond, uncond, scheduler=sampler.scheduler)
         return [eps_u, eps_c], [1.0 - g, g]
 
     noise = (lambda i: step_noise(spec.seed, x.shape, i).to(x.device)) if sampler.stochastic else None
@@ -66,7 +72,7 @@ def run_plan(spec, models, device="cpu"):
     scheduler = spec.make_scheduler()
     sampler = FusedSampler(scheduler, device=device)
     conditioning = {}
-    x = models[plan.segments[0].side].initial_noise(spec.seed).to(device)
+    x = initial_noise(models[plan.segments[0].side], spec.seed, scheduler).to(device)
     state = None
     summary = Summary(plan=plan.name, steps=plan.num_steps, labels=plan.labels())
     for j, seg in enumerate(plan.segments):

@@ -20,12 +20,12 @@ class StandIn:
         code = lambda s: torch.tensor([float(sum(map(ord, s)) % 17)]).reshape(1, 1, 1)  # noqa: E731
         return code(prompt), code(negative)
 
-    def eps(self, x, t, cond, uncond):
+    def eps(self, x, t, cond, uncond, scheduler=None):
         self.calls += 1
         base = torch.tanh(self.scale * x) * (1 + t / 1000)
         return base + 0.01 * cond.reshape(1, 1, 1, 1), base + 0.01 * uncond.reshape(1, 1, 1, 1)
 
-    def initial_noise(self, seed):
+    def initial_noise(self, seed, scheduler=None, generator_device="cpu"):
         return torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(seed))
 
 
@@ -80,7 +80,7 @@ def _by_hand(s, models, plan):
     """The same generation written out: one FusedSampler, each step with the model the plan names."""
     scheduler = s.make_scheduler()
     sampler = FusedSampler(scheduler)
-    x, state = models[plan.segments[0].side].initial_noise(s.seed), None
+    x, state = models[plan.segments[0].side].initial_noise(s.seed, scheduler=scheduler), None
     for i, side in plan.labels():
         cond, uncond = models[side].encode_prompt(s.prompt, s.negative_prompt)
         eps_c, eps_u = models[side].eps(x, int(scheduler.timesteps[i]), cond, uncond)
