@@ -33,12 +33,22 @@ def _cloud(args):
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    model = StableDiffusionModel.from_pretrained(args.model)
+    model = _load(args.model, "cloud")
     server = CloudServer(model, args.bind, preview_every=args.preview_every)
     print(f"latentwire cloud: serving {args.model} on {server.endpoint}", flush=True)
     server.serve_forever()
     print("latentwire cloud: stopped", flush=True)
     return 0
+
+
+def _load(path, who):
+    from latentwire.pipelines.sd import StableDiffusionModel
+
+    try:
+        return StableDiffusionModel.from_pretrained(path)
+    except Exception as e:  # diffusers and transformers raise OSError, ValueError, EnvironmentError...
+        raise SystemExit(f"latentwire {who}: cannot load a diffusers Stable-Diffusion folder from {path!r} "
+                         f"({type(e).__name__}: {e}); give the folder StableDiffusionPipeline.save_pretrained wrote") from None
 
 
 def _edge(args):
@@ -51,7 +61,7 @@ def _edge(args):
     from latentwire.scheduler.wire import Codecs
 
     _check_loopback(args.connect)
-    model = StableDiffusionModel.from_pretrained(args.model)
+    model = _load(args.model, "edge")
     params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
                                 ("strength", args.strength)) if v is not None}
     plan = make(args.plan, args.steps, **params)
@@ -63,10 +73,13 @@ def _edge(args):
     labels = dict(plan.labels())
     if not args.json:
         print(plan, file=sys.stderr)
+    def progress(step, where):  # one line a step on stderr: which step, and where it ran
+        if not args.json:
+            print(f"  step {step + 1:>3}/{plan.num_steps} {where}", file=sys.stderr, flush=True)
+
     client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout,
-                        on_preview=None if args.json else
-                        lambda step, x: print(f"  step {step + 1}/{plan.num_steps} ({labels.get(step)}): preview",
-                                              file=sys.stderr))
+                        on_preview=lambda step, x: progress(step, f"{labels.get(step)} (preview from the cloud)"),
+                        on_step=lambda step, real: progress(step, "edge" if real else "forecast (edge)"))
     start = time.perf_counter()
     try:
         latent, summary = client.generate(spec)

@@ -29,11 +29,13 @@ class CloudError(RuntimeError):
 
 
 class EdgeClient:
-    def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, context=None):
+    def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, on_step=None,
+                 context=None):
         self.connect, self.model = connect, model
         self.codecs = codecs or wire.Codecs()
         self.timeout_s = timeout_s
         self.on_preview = on_preview  # on_preview(step, latent) for each preview the cloud streams
+        self.on_step = on_step  # on_step(step, real) after each step run here
         self._ctx = context or zmq.Context.instance()
         self.bytes_up = self.bytes_down = 0
 
@@ -68,7 +70,8 @@ class EdgeClient:
                     x = initial_noise(self.model, spec.seed, scheduler)
                 if conditioning is None:
                     conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
-                x, state, calls = run_segment(spec, seg, sampler, self.model, conditioning, x, state)
+                callback = None if self.on_step is None else (lambda i, t, x_t, m, real: self.on_step(i, real))
+                x, state, calls = run_segment(spec, seg, sampler, self.model, conditioning, x, state, callback)
                 summary.edge_model_calls += calls
                 summary.forecast_steps += (seg.stop - seg.start) - calls
                 j += 1

@@ -155,6 +155,20 @@ def test_the_cloud_refuses_segments_that_are_not_its_own(cloud, models):
         sock.close()
 
 
+def test_models_that_do_not_share_a_text_space_are_refused(cloud, pair):
+    edge = StableDiffusionModel.from_pretrained(pair[1])
+    edge.text_space = tuple(edge.text_space)[:-1] + (999,)  # as if its text encoder had another vocabulary
+    spec = _spec(edge, make("hybrid-sd", 6, k=2))
+    with pytest.raises(CloudError, match="text space"):
+        EdgeClient(cloud, edge, timeout_s=REPLY_TIMEOUT_S).generate(spec)
+
+
+def test_an_unknown_model_folder_is_a_clear_error(tmp_path):
+    run = subprocess.run([CLI, "cloud", "--bind", f"ipc://{tmp_path}/x.sock", "--model", str(tmp_path / "nothing")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "cannot load a diffusers Stable-Diffusion folder" in run.stderr
+
+
 def test_a_cloud_that_is_not_there_is_reported_after_a_bounded_wait(models, tmp_path):
     spec = _spec(models["cloud"], make("cloud-only", 4))
     start = time.monotonic()
@@ -199,6 +213,10 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
         assert (summary["plan"], summary["steps"], summary["edge_model_calls"]) == ("ec-diff", 6, 2)
         assert summary["cloud_model_calls"] + summary["forecast_steps"] == 4 and summary["forecast_steps"] >= 1
         assert out.stat().st_size > 0
+        shown = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT,
+                                "--plan", "hybrid-sd", "--k", "2", "--steps", "4", "--out", str(out)],
+                               capture_output=True, text=True, timeout=180)
+        assert shown.returncode == 0 and "step   4/4 edge" in shown.stderr and "hybrid-sd" in shown.stderr
     finally:
         assert _stop(proc) == 0
 
