@@ -93,8 +93,10 @@ class CloudServer:
             x, state, n = run_segment(spec, seg, sampler, self.model, self._conditioning[key], x, state, callback)
             calls += n
             forecasts += (seg.stop - seg.start) - n
+        # the edge needs the solver state only if it runs steps after these and does not restart
+        send_state = state is not None and b < len(plan.segments) and not spec.restart_solver
         return wire.Message("handoff", {"step": plan.segments[b - 1].stop, "model_calls": calls,
-                                        "forecast_steps": forecasts}, x, state.x0_prev if state else None)
+                                        "forecast_steps": forecasts}, x, state.x0_prev if send_state else None)
 
 
 def _plain(value):
