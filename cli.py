@@ -69,7 +69,13 @@ def _edge(args):
     spec = SessionSpec(prompt=args.prompt, negative_prompt=args.negative_prompt, plan=plan,
                        scheduler=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
                        guidance_scale=args.guidance, seed=args.seed)
-    codecs = Codecs(latent=(args.latent_codec, args.latent_level), state=(args.state_codec, 0))
+    from latentwire.scheduler.link import parse_link
+
+    link = parse_link(args.link) if args.link else None
+    if args.latent_codec == "auto" and link is None:
+        raise SystemExit("latentwire edge: --latent-codec auto chooses for a link: give --link too")
+    codecs = None if args.latent_codec == "auto" else Codecs(latent=(args.latent_codec, args.latent_level),
+                                                            state=(args.state_codec, 0))
     labels = dict(plan.labels())
     if not args.json:
         print(plan, file=sys.stderr)
@@ -77,7 +83,8 @@ def _edge(args):
         if not args.json:
             print(f"  step {step + 1:>3}/{plan.num_steps} {where}", file=sys.stderr, flush=True)
 
-    client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout,
+    client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout, link=link,
+                        error_budget=args.error_budget if codecs is None else None,
                         on_preview=lambda step, x: progress(step, f"{labels.get(step)} (preview from the cloud)"),
                         on_step=lambda step, real: progress(step, "edge" if real else "forecast (edge)"))
     start = time.perf_counter()
@@ -91,7 +98,8 @@ def _edge(args):
     wall = time.perf_counter() - start
     if args.json:
         print(json.dumps(summary_dict(summary, bytes_up=client.bytes_up, bytes_down=client.bytes_down,
-                                      wall_s=round(wall, 3), degraded=False, output=args.out)))
+                                      wall_s=round(wall, 3), degraded=False, output=args.out,
+                                      latent_codec=list(client.codecs.latent), link=args.link)))
     else:
         print(f"wrote {args.out} in {wall:.2f} s: cloud calls {summary.cloud_model_calls}, edge calls "
               f"{summary.edge_model_calls}, forecast steps {summary.forecast_steps}, "
@@ -141,9 +149,12 @@ def build_parser():
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=7.5)
-    e.add_argument("--latent-codec", default="int8")
+    e.add_argument("--latent-codec", default="int8", help="fp32, fp16, bf16, int8, int4, or auto (with --link)")
     e.add_argument("--latent-level", type=int, default=3)
     e.add_argument("--state-codec", default="fp16")
+    e.add_argument("--link", help="emulate a link: 10mbit-50ms, 100mbit-20ms, 1gbit-1ms, or MBIT_PER_S,LATENCY_MS")
+    e.add_argument("--error-budget", type=float, default=0.01,
+                   help="with --latent-codec auto: the latent's allowed RMSE, as a share of its std")
     e.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
     e.add_argument("--out", default="out.png")
     e.add_argument("--json", action="store_true", help="print one JSON object with the run's summary")

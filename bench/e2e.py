@@ -87,6 +87,24 @@ def main(argv=None):
                 print(f"| {name} {params or ''} | {statistics.median(walls):.3f} | {c.bytes_up} | {c.bytes_down} | "
                       f"{summary.cloud_model_calls} | {summary.edge_model_calls} | {summary.forecast_steps} | "
                       f"{saved} | {rel(latent, reference):.3e} |")
+            print("\n## Per emulated link (wall s, median of repeats; latent codec chosen for the link)\n")
+            from latentwire.scheduler.link import PROFILES
+            print("| plan | " + " | ".join(PROFILES) + " |")
+            print("| --- |" + " ---: |" * len(PROFILES))
+            for name, params in PLANS:
+                if name == "edge-only":
+                    continue
+                spec = spec_for(edge, make(name, args.steps, **params), "DPMSolverMultistepScheduler")
+                cells = []
+                for link in PROFILES.values():
+                    walls = []
+                    for _ in range(args.repeats):
+                        c = EdgeClient(f"ipc://{tmp}/cloud.sock", edge, link=link, error_budget=0.01, timeout_s=120)
+                        start = time.perf_counter()
+                        c.generate(spec)
+                        walls.append(time.perf_counter() - start)
+                    cells.append(f"{statistics.median(walls):.3f} ({c.codecs.latent[0]} z{c.codecs.latent[1]})")
+                print(f"| {name} | " + " | ".join(cells) + " |")
             print("\n## Solver state at a handoff (hybrid-sd, DPM-Solver++(2M), fp32 codecs)\n")
             from latentwire.scheduler.wire import Codecs
             exact = Codecs(latent=("fp32", 0), state=("fp32", 0))

@@ -30,9 +30,19 @@ class CloudError(RuntimeError):
 
 class EdgeClient:
     def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, on_step=None,
-                 context=None):
+                 link=None, error_budget=None, sleep=time.sleep, context=None):
+        """codecs: a wire.Codecs; or None with ``link`` and ``error_budget`` given: the latent codec is
+        chosen for that link (least encode + transfer + decode time within the budget), measured once
+        on a latent of the model's size. link: an emulated scheduler.link.Link, delaying every message
+        sent and received by its transfer time (``sleep`` is how; tests pass a recorder)."""
         self.connect, self.model = connect, model
+        if codecs is None and link is not None and error_budget is not None:
+            from .link import choose_codec, measure_codecs, sample_latent
+
+            self.codec_costs = measure_codecs(sample_latent(model))
+            codecs = wire.Codecs(latent=choose_codec(self.codec_costs, link, error_budget))
         self.codecs = codecs or wire.Codecs()
+        self.link, self._sleep = link, sleep
         self.timeout_s = timeout_s
         self.on_preview = on_preview  # on_preview(step, latent) for each preview the cloud streams
         self.on_step = on_step  # on_step(step, real) after each step run here
@@ -89,6 +99,8 @@ class EdgeClient:
                            x, state.x0_prev if state is not None and not spec.restart_solver else None)
         frames = wire.encode(msg, self.codecs)
         self.bytes_up += wire_bytes(frames)
+        if self.link is not None:
+            self._sleep(self.link.transfer_s(wire_bytes(frames)))  # the request's way up
         sock.send_multipart([request_id] + frames, copy=False)
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -100,6 +112,8 @@ class EdgeClient:
             if bytes(reply[0]) != request_id:
                 continue  # a late reply to an earlier, abandoned request
             self.bytes_down += wire_bytes(reply[1:])
+            if self.link is not None:
+                self._sleep(self.link.transfer_s(wire_bytes(reply[1:])))  # the reply's way down
             m = wire.decode(reply[1:])
             if m.kind == "preview":
                 if self.on_preview is not None:

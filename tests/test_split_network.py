@@ -203,7 +203,8 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
         out = tmp_path / "image.png"
         run = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT,
                               "--plan", "ec-diff", "--p", "2", "--k", "1", "--s", "4", "--steps", "6",
-                              "--seed", "3", "--out", str(out), "--json"],
+                              "--seed", "3", "--out", str(out), "--json", "--link", "100mbit-20ms",
+                              "--latent-codec", "auto"],
                              capture_output=True, text=True, timeout=180, env={**os.environ})
         assert run.returncode == 0, run.stderr[-2000:]
         summary = json.loads(run.stdout)
@@ -211,6 +212,7 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
                     "bytes_down", "wall_s", "degraded", "output"):
             assert key in summary
         assert (summary["plan"], summary["steps"], summary["edge_model_calls"]) == ("ec-diff", 6, 2)
+        assert summary["link"] == "100mbit-20ms" and summary["latent_codec"][0] in ("fp32", "fp16", "bf16", "int8")
         assert summary["cloud_model_calls"] + summary["forecast_steps"] == 4 and summary["forecast_steps"] >= 1
         assert out.stat().st_size > 0
         shown = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT,
