@@ -24,7 +24,6 @@ def _check_loopback(addr):
 def _cloud(args):
     import logging
 
-    from latentwire.pipelines.sd import StableDiffusionModel
     from latentwire.scheduler.cloud import CloudServer
 
     _check_loopback(args.bind)
@@ -55,7 +54,6 @@ def _edge(args):
     import json
     import time
 
-    from latentwire.pipelines.sd import StableDiffusionModel
     from latentwire.scheduler import SessionSpec, make
     from latentwire.scheduler.edge import CloudError, CloudUnavailable, EdgeClient, summary_dict
     from latentwire.scheduler.wire import Codecs
