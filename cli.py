@@ -81,7 +81,7 @@ def _edge(args):
         if not args.json:
             print(f"  step {step + 1:>3}/{plan.num_steps} {where}", file=sys.stderr, flush=True)
 
-    client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout, link=link,
+    client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout, link=link, fallback=args.fallback,
                         error_budget=args.error_budget if codecs is None else None,
                         on_preview=lambda step, x: progress(step, f"{labels.get(step)} (preview from the cloud)"),
                         on_step=lambda step, real: progress(step, "edge" if real else "forecast (edge)"))
@@ -96,7 +96,7 @@ def _edge(args):
     wall = time.perf_counter() - start
     if args.json:
         print(json.dumps(summary_dict(summary, bytes_up=client.bytes_up, bytes_down=client.bytes_down,
-                                      wall_s=round(wall, 3), degraded=False, output=args.out,
+                                      wall_s=round(wall, 3), output=args.out,
                                       latent_codec=list(client.codecs.latent), link=args.link)))
     else:
         print(f"wrote {args.out} in {wall:.2f} s: cloud calls {summary.cloud_model_calls}, edge calls "
@@ -154,6 +154,8 @@ def build_parser():
     e.add_argument("--error-budget", type=float, default=0.01,
                    help="with --latent-codec auto: the latent's allowed RMSE, as a share of its std")
     e.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
+    e.add_argument("--fallback", action="store_true",
+                   help="if the cloud does not answer in time, finish its steps here and mark the result degraded")
     e.add_argument("--out", default="out.png")
     e.add_argument("--json", action="store_true", help="print one JSON object with the run's summary")
     e.set_defaults(func=_edge)

@@ -88,6 +88,7 @@ class CloudServer:
             self._conditioning = {key: self.model.encode_prompt(*key)}  # one session's worth of cache
         calls = forecasts = 0
         every = self.preview_every
+        # a preview is the latent at the start of step i: what an edge resumes from if the cloud goes away
         callback = (lambda i, t, x_t, m, real: preview(i, x_t) if (i + 1) % every == 0 else None) if every else None
         for seg in plan.segments[a:b]:
             x, state, n = run_segment(spec, seg, sampler, self.model, self._conditioning[key], x, state, callback)

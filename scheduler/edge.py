@@ -15,6 +15,7 @@ from latentwire.protocol import wire_bytes
 from . import wire
 from .cloud import _plain
 from .executor import Summary, initial_noise, run_segment
+from .plan import Segment
 
 DEFAULT_TIMEOUT_S = 120.0  # a whole cloud segment on a real model; tests pass their own
 LINGER_MS = 0
@@ -30,7 +31,7 @@ class CloudError(RuntimeError):
 
 class EdgeClient:
     def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, on_step=None,
-                 link=None, error_budget=None, sleep=time.sleep, context=None):
+                 link=None, error_budget=None, sleep=time.sleep, fallback=False, context=None):
         """codecs: a wire.Codecs; or None with ``link`` and ``error_budget`` given: the latent codec is
         chosen for that link (least encode + transfer + decode time within the budget), measured once
         on a latent of the model's size. link: an emulated scheduler.link.Link, delaying every message
@@ -43,6 +44,10 @@ class EdgeClient:
             codecs = wire.Codecs(latent=choose_codec(self.codec_costs, link, error_budget))
         self.codecs = codecs or wire.Codecs()
         self.link, self._sleep = link, sleep
+        # fallback: when the cloud does not answer, finish its steps here from the last latent held (its
+        # last preview, else the latent sent to it) and mark the result degraded, rather than raise
+        self.fallback = fallback
+        self._last_preview = None
         self.timeout_s = timeout_s
         self.on_preview = on_preview  # on_preview(step, latent) for each preview the cloud streams
         self.on_step = on_step  # on_step(step, real) after each step run here
@@ -57,9 +62,7 @@ class EdgeClient:
         summary = Summary(plan=plan.name, steps=plan.num_steps, labels=plan.labels())
         x, state, conditioning = None, None, None
         j = 0
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = LINGER_MS
-        sock.connect(self.connect)
+        sock = self._socket()
         try:
             while j < len(plan.segments):
                 seg = plan.segments[j]
@@ -71,7 +74,18 @@ class EdgeClient:
                     k = j
                     while k < len(plan.segments) and plan.segments[k].side == "cloud":
                         k += 1
-                    x, state, calls, forecasts = self._remote(sock, spec, j, k, x, state)
+                    try:
+                        x, state, calls, forecasts = self._remote(sock, spec, j, k, x, state)
+                    except CloudUnavailable:
+                        if not self.fallback:
+                            raise
+                        if conditioning is None:
+                            conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
+                        x, state = self._finish_here(spec, sampler, conditioning, j, k, x, summary)
+                        sock.close()  # the request may still be queued there: never read its late reply
+                        sock = self._socket()
+                        j = k
+                        continue
                     summary.cloud_model_calls += calls
                     summary.forecast_steps += forecasts
                     j = k
@@ -89,7 +103,34 @@ class EdgeClient:
             sock.close()
         return x, summary
 
+    def _socket(self):
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = LINGER_MS
+        sock.connect(self.connect)
+        return sock
+
+    def _finish_here(self, spec, sampler, conditioning, a, b, x, summary):
+        """Degraded mode: run the cloud's segments [a, b) with the edge's model, from the last preview the
+        cloud streamed inside them (the latent at that step), else from the latent sent (x_T if none),
+        with the solver restarted at first order. -> (x, state)."""
+        plan = spec.plan
+        start = plan.segments[a].start
+        if self._last_preview is not None and plan.segments[a].start <= self._last_preview[0] < plan.segments[b - 1].stop:
+            start, x = self._last_preview
+        elif x is None:
+            x = initial_noise(self.model, spec.seed, sampler.scheduler)
+        summary.degraded = True
+        state = None
+        for seg in plan.segments[a:b]:
+            if seg.stop <= start:
+                continue
+            local = Segment("edge", max(seg.start, start), seg.stop, renoise=seg.renoise and start <= seg.start)
+            x, state, calls = run_segment(spec, local, sampler, self.model, conditioning, x, state)
+            summary.edge_model_calls += calls
+        return x, state
+
     def _remote(self, sock, spec, a, b, x, state):
+        self._last_preview = None
         request_id = uuid.uuid4().bytes
         msg = wire.Message("run", {"session": spec.to_msgpack(), "segments": [a, b],
                                    "codecs": self.codecs.to_meta(),
@@ -116,6 +157,7 @@ class EdgeClient:
                 self._sleep(self.link.transfer_s(wire_bytes(reply[1:])))  # the reply's way down
             m = wire.decode(reply[1:])
             if m.kind == "preview":
+                self._last_preview = (m.meta["step"], m.latent)
                 if self.on_preview is not None:
                     self.on_preview(m.meta["step"], m.latent)
                 continue

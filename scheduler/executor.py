@@ -24,6 +24,7 @@ class Summary:
     edge_model_calls: int = 0
     forecast_steps: int = 0
     handoffs: int = 0
+    degraded: bool = False  # the cloud went away and the edge finished its steps
     labels: list = field(default_factory=list)  # per executed step: (index, 'cloud' | 'edge' | 'forecast')
 
 

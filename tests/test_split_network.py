@@ -190,6 +190,34 @@ def test_a_cloud_that_dies_mid_session_is_reported(pair, models, tmp_path):
         proc.wait(timeout=30)
 
 
+def test_with_fallback_the_edge_finishes_from_the_last_preview_and_says_so(pair, models, tmp_path):
+    from latentwire.kernels import FusedSampler
+    from latentwire.scheduler import Segment, run_segment
+
+    proc = _start_cloud(pair[0], f"ipc://{tmp_path}/dying.sock", "--preview-every", "1")
+    previews = []
+
+    def kill_at_first_preview(step, x):
+        previews.append((step, x))
+        proc.kill()  # previews already on their way may still arrive; the handoff, 30 steps later, cannot
+
+    try:
+        spec = _spec(models["cloud"], make("hybrid-sd", 36, k=32))
+        client = EdgeClient(f"ipc://{tmp_path}/dying.sock", models["edge"], timeout_s=5.0, fallback=True,
+                            on_preview=kill_at_first_preview)
+        latent, summary = client.generate(spec)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    step, x = previews[-1]  # the last latent the edge held
+    assert summary.degraded and step < 32
+    # what it must be: the edge's model from the preview (the latent at the start of step 3) to the end
+    sampler = FusedSampler(spec.make_scheduler())
+    cond = models["edge"].encode_prompt(spec.prompt, spec.negative_prompt)
+    expected, _, calls = run_segment(spec, Segment("edge", step, 36), sampler, models["edge"], cond, x, None)
+    assert torch.equal(latent, expected) and summary.edge_model_calls == calls == 36 - step
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
