@@ -75,7 +75,7 @@ class CloudServer:
         if not 0 <= a < b <= len(plan.segments) or any(s.side != "cloud" for s in plan.segments[a:b]):
             raise PlanError(f"segments [{a}, {b}) of plan {plan.name!r} are not the cloud's to run")
         for what in ("latent_space", "text_space"):
-            theirs, ours = msg.meta.get(what), _plain(getattr(self.model, what))
+            theirs, ours = msg.meta.get(what), wire.plain(getattr(self.model, what))
             if theirs != ours:
                 raise PlanError(f"the edge's model differs from the cloud's in {what.replace('_', ' ')} "
                                 f"({theirs} vs {ours}); a handoff needs both the same")
@@ -98,10 +98,3 @@ class CloudServer:
         send_state = state is not None and b < len(plan.segments) and not spec.restart_solver
         return wire.Message("handoff", {"step": plan.segments[b - 1].stop, "model_calls": calls,
                                         "forecast_steps": forecasts}, x, state.x0_prev if send_state else None)
-
-
-def _plain(value):
-    """A model's space description as msgpack hands it back (tuples become lists)."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    return value

@@ -13,7 +13,6 @@ from latentwire.kernels import FusedSampler, SolverState
 from latentwire.protocol import wire_bytes
 
 from . import wire
-from .cloud import _plain
 from .executor import Summary, initial_noise, run_segment
 from .plan import Segment
 
@@ -30,6 +29,8 @@ class CloudError(RuntimeError):
 
 
 class EdgeClient:
+    """Runs generations against one cloud endpoint; one request at a time per client."""
+
     def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, on_step=None,
                  link=None, error_budget=None, sleep=time.sleep, fallback=False, context=None):
         """codecs: a wire.Codecs; or None with ``link`` and ``error_budget`` given: the latent codec is
@@ -135,8 +136,8 @@ class EdgeClient:
         msg = wire.Message("run", {"session": spec.to_msgpack(), "segments": [a, b],
                                    "codecs": self.codecs.to_meta(),
                                    # the cloud checks its model against these before it runs anything
-                                   "latent_space": _plain(self.model.latent_space),
-                                   "text_space": _plain(self.model.text_space)},
+                                   "latent_space": wire.plain(self.model.latent_space),
+                                   "text_space": wire.plain(self.model.text_space)},
                            x, state.x0_prev if state is not None and not spec.restart_solver else None)
         frames = wire.encode(msg, self.codecs)
         self.bytes_up += wire_bytes(frames)

@@ -59,3 +59,10 @@ def decode(frames):
     if kind not in ("run", "preview", "handoff", "error"):
         raise ProtocolError(f"unknown message kind {kind!r}")
     return Message(kind, meta, m.tensors.get(LATENT), m.tensors.get(STATE))
+
+
+def plain(value):
+    """A value as msgpack hands it back (tuples become lists), to compare what a peer sent."""
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
+    return value
