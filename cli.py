@@ -10,30 +10,34 @@ def _codecs(args):
     return 0
 
 
-LOOPBACK = "127.0.0.1"
-NON_LOOPBACK_HINT = ("binding a non-loopback address sends latents in the clear; "
-                     "CURVE encryption comes with the serving layer")
+def _keys(args):
+    from latentwire.scheduler.security import write_keys
 
-
-def _check_loopback(addr):
-    """tcp:// endpoints must be on loopback here; ipc:// paths are local by nature."""
-    if addr.startswith("tcp://") and not addr[len("tcp://"):].startswith((LOOPBACK, "localhost")):
-        raise SystemExit(f"latentwire: {addr}: only tcp://127.0.0.1:PORT or ipc://PATH for now ({NON_LOOPBACK_HINT})")
+    public, secret = write_keys(args.dir, args.name)
+    print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it)")
+    return 0
 
 
 def _cloud(args):
     import logging
 
     from latentwire.scheduler.cloud import CloudServer
+    from latentwire.scheduler.security import KeyError_, is_loopback
 
-    _check_loopback(args.bind)
+    if not is_loopback(args.bind) and not args.curve_secret and not args.insecure:
+        raise SystemExit(f"latentwire cloud: refusing to serve {args.bind} in the clear: give --curve-secret "
+                         "SERVER.key_secret and --allow CLIENTS_DIR (keys from `latentwire keys`), or --insecure")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model = _load(args.model, "cloud")
-    server = CloudServer(model, args.bind, preview_every=args.preview_every)
+    try:
+        server = CloudServer(model, args.bind, preview_every=args.preview_every, curve_secret=args.curve_secret,
+                             allow=args.allow, insecure=args.insecure)
+    except KeyError_ as e:
+        raise SystemExit(f"latentwire cloud: {e}") from None
     print(f"latentwire cloud: serving {args.model} on {server.endpoint}", flush=True)
     server.serve_forever()
     print("latentwire cloud: stopped", flush=True)
@@ -58,7 +62,8 @@ def _edge(args):
     from latentwire.scheduler.edge import CloudError, CloudUnavailable, EdgeClient, summary_dict
     from latentwire.scheduler.wire import Codecs
 
-    _check_loopback(args.connect)
+    if (args.curve_secret is None) != (args.server_key is None):
+        raise SystemExit("latentwire edge: CURVE needs both --curve-secret CLIENT.key_secret and --server-key SERVER.key")
     model = _load(args.model, "edge")
     params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
                                 ("strength", args.strength)) if v is not None}
@@ -82,6 +87,7 @@ def _edge(args):
             print(f"  step {step + 1:>3}/{plan.num_steps} {where}", file=sys.stderr, flush=True)
 
     client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout, link=link, fallback=args.fallback,
+                        curve_secret=args.curve_secret, server_key=args.server_key,
                         error_budget=args.error_budget if codecs is None else None,
                         on_preview=lambda step, x: progress(step, f"{labels.get(step)} (preview from the cloud)"),
                         on_step=lambda step, real: progress(step, "edge" if real else "forecast (edge)"))
@@ -130,7 +136,16 @@ def build_parser():
     c.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); results are bitwise reproducible only "
                         "between processes with the same count")
+    c.add_argument("--curve-secret", help="this server's NAME.key_secret: encrypt and authenticate with CURVE")
+    c.add_argument("--allow", help="with --curve-secret: folder of the NAME.key files of admitted edges")
+    c.add_argument("--insecure", action="store_true", help="allow a non-loopback --bind without CURVE")
     c.set_defaults(func=_cloud)
+
+    k = sub.add_parser("keys", help="write a CURVE key pair in pyzmq's certificate format",
+                       description="Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret).")
+    k.add_argument("dir")
+    k.add_argument("name")
+    k.set_defaults(func=_keys)
 
     e = sub.add_parser("edge", help="generate one image, running the plan's edge steps here",
                        description="Run a split plan against a cloud: the edge's steps here, the cloud's there.")
@@ -158,6 +173,8 @@ def build_parser():
                    help="if the cloud does not answer in time, finish its steps here and mark the result degraded")
     e.add_argument("--out", default="out.png")
     e.add_argument("--json", action="store_true", help="print one JSON object with the run's summary")
+    e.add_argument("--curve-secret", help="this edge's NAME.key_secret (with --server-key)")
+    e.add_argument("--server-key", help="the cloud's NAME.key (public)")
     e.set_defaults(func=_edge)
     return p
 

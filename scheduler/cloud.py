@@ -18,6 +18,7 @@ from latentwire.kernels import FusedSampler, SolverState
 from . import wire
 from .executor import initial_noise, run_segment
 from .plan import PlanError
+from .security import KeyError_, is_loopback, serve_curve
 from .session import SessionSpec
 
 POLL_MS = 100  # how often the loop looks at its stop flag while idle
@@ -28,12 +29,20 @@ log = logging.getLogger("latentwire.cloud")
 class CloudServer:
     """Serve ``model`` on ``bind`` (tcp://127.0.0.1:PORT or ipc://PATH)."""
 
-    def __init__(self, model, bind, *, preview_every=0, context=None):
+    def __init__(self, model, bind, *, preview_every=0, curve_secret=None, allow=None, insecure=False, context=None):
+        """curve_secret, allow: the server's NAME.key_secret and a folder of admitted clients' NAME.key
+        files (CURVE). A non-loopback ``bind`` needs them, or insecure=True."""
         self.model = model
         self.preview_every = preview_every
+        if (curve_secret is None) != (allow is None):
+            raise KeyError_("CURVE needs both the server's secret key and the folder of allowed client keys")
+        if not is_loopback(bind) and curve_secret is None and not insecure:
+            raise KeyError_(f"refusing to serve {bind} in the clear: give curve_secret and allow "
+                            "(latentwire cloud --curve-secret ... --allow ...), or insecure=True (--insecure)")
         self._ctx = context or zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.linger = LINGER_MS
+        self._auth = serve_curve(self._sock, self._ctx, curve_secret, allow) if curve_secret else None
         self._sock.bind(bind)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
@@ -52,6 +61,8 @@ class CloudServer:
                     self._serve_one(self._sock.recv_multipart(copy=False))
         finally:
             self._sock.close()
+            if self._auth is not None:
+                self._auth.stop()
 
     def _serve_one(self, frames):
         peer, request_id, body = frames[0], frames[1], frames[2:]

@@ -15,6 +15,7 @@ from latentwire.protocol import wire_bytes
 from . import wire
 from .executor import Summary, initial_noise, run_segment
 from .plan import Segment
+from .security import connect_curve
 
 DEFAULT_TIMEOUT_S = 120.0  # a whole cloud segment on a real model; tests pass their own
 LINGER_MS = 0
@@ -28,11 +29,16 @@ class CloudError(RuntimeError):
     """The cloud refused a request; the text is the cloud's reason."""
 
 
+class CloudRefused(CloudUnavailable):
+    """The cloud's CURVE handshake rejected this edge (unknown key, wrong server key, or no CURVE)."""
+
+
 class EdgeClient:
     """Runs generations against one cloud endpoint; one request at a time per client."""
 
     def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, on_step=None,
-                 link=None, error_budget=None, sleep=time.sleep, fallback=False, context=None):
+                 link=None, error_budget=None, sleep=time.sleep, fallback=False, curve_secret=None, server_key=None,
+                 context=None):
         """codecs: a wire.Codecs; or None with ``link`` and ``error_budget`` given: the latent codec is
         chosen for that link (least encode + transfer + decode time within the budget), measured once
         on a latent of the model's size. link: an emulated scheduler.link.Link, delaying every message
@@ -54,6 +60,9 @@ class EdgeClient:
         self.on_step = on_step  # on_step(step, real) after each step run here
         self._ctx = context or zmq.Context.instance()
         self.bytes_up = self.bytes_down = 0
+        if (curve_secret is None) != (server_key is None):
+            raise ValueError("CURVE needs both this edge's secret key and the cloud's public key")
+        self.curve = (curve_secret, server_key) if curve_secret else None
 
     def generate(self, spec):
         """Run ``spec`` (a SessionSpec) -> (latent, Summary). The edge's own segments run here."""
@@ -83,7 +92,7 @@ class EdgeClient:
                         if conditioning is None:
                             conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
                         x, state = self._finish_here(spec, sampler, conditioning, j, k, x, summary)
-                        sock.close()  # the request may still be queued there: never read its late reply
+                        self._close(sock)  # the request may still be queued there: never read its late reply
                         sock = self._socket()
                         j = k
                         continue
@@ -101,14 +110,36 @@ class EdgeClient:
                 summary.forecast_steps += (seg.stop - seg.start) - calls
                 j += 1
         finally:
-            sock.close()
+            self._close(sock)
         return x, summary
+
+    def _close(self, sock):
+        sock.disable_monitor()
+        self._monitor.close()
+        sock.close()
 
     def _socket(self):
         sock = self._ctx.socket(zmq.DEALER)
         sock.linger = LINGER_MS
+        if self.curve is not None:
+            connect_curve(sock, *self.curve)
+        # handshake events tell a refused edge at once, rather than at its deadline
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                                | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         sock.connect(self.connect)
         return sock
+
+    def _refused(self):
+        """The reason the cloud rejected our handshake, if a monitor event says it did."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return "it does not admit this edge's key (is NAME.key in the cloud's --allow folder?)"
+            return ("the connection's security handshake failed (does one side use CURVE and the other not, "
+                    "or is --server-key the cloud's public key?)")
+        return None
 
     def _finish_here(self, spec, sampler, conditioning, a, b, x, summary):
         """Degraded mode: run the cloud's segments [a, b) with the edge's model, from the last preview the
@@ -145,9 +176,18 @@ class EdgeClient:
             self._sleep(self.link.transfer_s(wire_bytes(frames)))  # the request's way up
         sock.send_multipart([request_id] + frames, copy=False)
         deadline = time.monotonic() + self.timeout_s
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
+            reason = self._refused() if self._monitor in ready else None
+            if reason:
+                raise CloudRefused(f"the cloud at {self.connect} refused this edge: {reason}")
+            if sock not in ready:
+                if time.monotonic() < deadline:
+                    continue
                 raise CloudUnavailable(f"no answer from the cloud at {self.connect} within {self.timeout_s:g} s: "
                                        "is `latentwire cloud` running there, and reachable?")
             reply = sock.recv_multipart(copy=False)
