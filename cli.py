@@ -34,7 +34,8 @@ def _cloud(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     model = _load(args.model, "cloud")
     try:
-        server = CloudServer(model, args.bind, preview_every=args.preview_every, curve_secret=args.curve_secret,
+        server = CloudServer(model, args.bind, preview_every=args.preview_every, max_batch=args.max_batch,
+                             curve_secret=args.curve_secret,
                              allow=args.allow, insecure=args.insecure)
     except KeyError_ as e:
         raise SystemExit(f"latentwire cloud: {e}") from None
@@ -136,6 +137,8 @@ def build_parser():
     c.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); results are bitwise reproducible only "
                         "between processes with the same count")
+    c.add_argument("--max-batch", type=int, default=1,
+                   help="sessions whose steps share one model forward (1: one request at a time)")
     c.add_argument("--curve-secret", help="this server's NAME.key_secret: encrypt and authenticate with CURVE")
     c.add_argument("--allow", help="with --curve-secret: folder of the NAME.key files of admitted edges")
     c.add_argument("--insecure", action="store_true", help="allow a non-loopback --bind without CURVE")

@@ -162,6 +162,11 @@ class EdgeClient:
         return x, state
 
     def _remote(self, sock, spec, a, b, x, state):
+        """Have the cloud run segments [a, b) -> (x, state, model calls, forecast steps)."""
+        return self._await(sock, self._send(sock, spec, a, b, x, state))
+
+    def _send(self, sock, spec, a, b, x, state):
+        """Send a run request for segments [a, b) from latent x (None: the cloud draws x_T) -> its id."""
         self._last_preview = None
         request_id = uuid.uuid4().bytes
         msg = wire.Message("run", {"session": spec.to_msgpack(), "segments": [a, b],
@@ -175,6 +180,10 @@ class EdgeClient:
         if self.link is not None:
             self._sleep(self.link.transfer_s(wire_bytes(frames)))  # the request's way up
         sock.send_multipart([request_id] + frames, copy=False)
+        return request_id
+
+    def _await(self, sock, request_id):
+        """The reply to request_id, previews passed to on_preview on the way."""
         deadline = time.monotonic() + self.timeout_s
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)

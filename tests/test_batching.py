@@ -1,0 +1,90 @@
+"""Step-level batching: sessions at different steps, with different prompts, seeds, guidance and plans,
+share model forwards and per-row fused steps, and each ends as it would alone (to 1e-5)."""
+import threading
+
+import pytest
+
+from latentwire.pipelines.sd import StableDiffusionModel
+from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.scheduler import SessionSpec, make
+from latentwire.scheduler.cloud import CloudServer
+from latentwire.scheduler.edge import EdgeClient
+from latentwire.scheduler.wire import Codecs
+
+EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cloud_path, edge_path = save_tiny_pair(tmp_path_factory.mktemp("m"), seed=0)
+    return StableDiffusionModel.from_pretrained(cloud_path), StableDiffusionModel.from_pretrained(edge_path)
+
+
+def _spec(model, plan, scheduler, prompt, seed, g):
+    s = model.make_scheduler(scheduler)
+    return SessionSpec(prompt=prompt, plan=plan, scheduler=type(s).__name__, scheduler_config=dict(s.config),
+                       guidance_scale=g, seed=seed)
+
+
+def _sessions(cloud):
+    dpm = "DPMSolverMultistepScheduler"
+    return [  # (spec, segments the cloud runs)
+        (_spec(cloud, make("cloud-only", 8), dpm, "a red circle", 1, 7.5), (0, 1)),
+        (_spec(cloud, make("cloud-only", 8), dpm, "a blue square", 2, 3.0), (0, 1)),
+        (_spec(cloud, make("hybrid-sd", 8, k=5), dpm, "a green circle", 3, 5.0), (0, 1)),
+        (_spec(cloud, make("ec-diff", 8, p=2, k=1, s=6), dpm, "a red square", 4, 6.0), (0, 1)),  # forecasts: alone
+        (_spec(cloud, make("cloud-only", 8), "EulerAncestralDiscreteScheduler", "a blue circle", 5, 7.5), (0, 1)),
+    ]
+
+
+def _serve(server):
+    thread = threading.Thread(target=server.serve_forever, kwargs={"install_signals": False})
+    thread.start()
+    return thread
+
+
+def test_batched_sessions_end_as_they_would_alone(models, tmp_path):
+    cloud, edge = models
+    sessions = _sessions(cloud)
+    # alone: one request at a time
+    alone_server = CloudServer(cloud, f"ipc://{tmp_path}/alone.sock")
+    thread = _serve(alone_server)
+    try:
+        alone = []
+        for spec, (a, b) in sessions:
+            client = EdgeClient(f"ipc://{tmp_path}/alone.sock", edge, codecs=EXACT, timeout_s=60)
+            sock = client._socket()
+            alone.append(client._remote(sock, spec, a, b, None, None))
+            client._close(sock)
+    finally:
+        alone_server.stop()
+        thread.join(timeout=30)
+    # batched: every request is queued before the server's loop starts, so they share its first turns
+    server = CloudServer(cloud, f"ipc://{tmp_path}/batch.sock", max_batch=4, preview_every=3)
+    clients, socks, ids = [], [], []
+    for spec, (a, b) in sessions:
+        client = EdgeClient(f"ipc://{tmp_path}/batch.sock", edge, codecs=EXACT, timeout_s=60)
+        sock = client._socket()
+        clients.append(client)
+        socks.append(sock)
+        ids.append(client._send(sock, spec, a, b, None, None))
+    thread = _serve(server)
+    try:
+        batched = [c._await(s, i) for c, s, i in zip(clients, socks, ids)]
+    finally:
+        server.stop()
+        thread.join(timeout=30)
+        for c, s in zip(clients, socks):
+            c._close(s)
+    assert max(server.batch_sizes) >= 3  # the three DPM sessions without forecasting stepped together
+    for (x_alone, st_alone, calls_alone, fc_alone), (x_b, st_b, calls_b, fc_b) in zip(alone, batched):
+        assert ((x_b - x_alone).abs().max() / x_alone.abs().max()).item() <= 1e-5
+        assert (calls_b, fc_b) == (calls_alone, fc_alone)
+        assert (st_b is None) == (st_alone is None)
+        if st_b is not None:
+            assert ((st_b.x0_prev - st_alone.x0_prev).abs().max() / st_alone.x0_prev.abs().max()).item() <= 1e-5
+
+
+def test_max_batch_is_checked(models, tmp_path):
+    with pytest.raises(ValueError, match="max_batch"):
+        CloudServer(models[0], f"ipc://{tmp_path}/x.sock", max_batch=0)
