@@ -94,6 +94,9 @@ class CloudServer:
         except (ValueError, zmq.ZMQError) as e:  # ProtocolError and PlanError are ValueErrors
             log.warning("request refused: %s", e)
             reply(wire.Message("error", {"message": f"{type(e).__name__}: {e}"}), codecs)
+        except Exception as e:  # the model failed on this request: say so, and keep serving the others
+            log.exception("request failed")
+            reply(wire.Message("error", {"message": f"the cloud's model failed: {type(e).__name__}: {e}"}), codecs)
 
     def _job(self, msg, reply, preview):
         spec, a, b, sampler, x, state, conditioning = self._open(msg)
@@ -105,12 +108,20 @@ class CloudServer:
         """One turn: step one batch of compatible jobs (or run one job's forecasting segment alone), then
         move finished segments on and reply to finished jobs."""
         first = self._jobs[0]
-        if not batch.batchable(first):
-            batch.run_alone(first, self.model, self.preview_every)
-        else:
-            group = [j for j in self._jobs if j.key == first.key and batch.batchable(j)][: self.max_batch]
-            batch.step_batch(group, self.model, self.preview_every)
-            self.batch_sizes.append(len(group))
+        group = [first]
+        try:
+            if not batch.batchable(first):
+                batch.run_alone(first, self.model, self.preview_every)
+            else:
+                group = [j for j in self._jobs if j.key == first.key and batch.batchable(j)][: self.max_batch]
+                batch.step_batch(group, self.model, self.preview_every)
+                self.batch_sizes.append(len(group))
+        except Exception as e:  # the model failed on this batch: those sessions end, the others go on
+            log.exception("batch failed")
+            for job in group:
+                self._jobs.remove(job)
+                job.reply(wire.Message("error", {"message": f"the cloud's model failed: {type(e).__name__}: {e}"}))
+            return
         for job in list(self._jobs):
             while job.step == job.segment.stop:
                 if job.seg + 1 < len(job.segments):

@@ -3,6 +3,7 @@ share model forwards and per-row fused steps, and each ends as it would alone (t
 import threading
 
 import pytest
+import torch
 
 from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
@@ -88,3 +89,42 @@ def test_batched_sessions_end_as_they_would_alone(models, tmp_path):
 def test_max_batch_is_checked(models, tmp_path):
     with pytest.raises(ValueError, match="max_batch"):
         CloudServer(models[0], f"ipc://{tmp_path}/x.sock", max_batch=0)
+
+
+class _FailsOn:
+    """The cloud model, except that it raises for one prompt (as a model can on bad input)."""
+
+    def __init__(self, model, prompt):
+        self.model, self.prompt = model, prompt
+        self.latent_space, self.text_space = model.latent_space, model.text_space
+
+    def encode_prompt(self, prompt, negative=""):
+        cond, uncond = self.model.encode_prompt(prompt, negative)
+        return (cond * float("nan"), uncond) if prompt == self.prompt else (cond, uncond)
+
+    def eps(self, x, t, cond, uncond, scheduler=None):
+        if torch.isnan(cond).any():
+            raise RuntimeError("the model met NaN embeddings")
+        return self.model.eps(x, t, cond, uncond, scheduler=scheduler)
+
+    def initial_noise(self, *args, **kwargs):
+        return self.model.initial_noise(*args, **kwargs)
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_a_failing_model_call_ends_that_session_and_the_cloud_serves_on(models, tmp_path, max_batch):
+    from latentwire.scheduler.edge import CloudError
+
+    cloud, edge = models
+    server = CloudServer(_FailsOn(cloud, "poison"), f"ipc://{tmp_path}/f.sock", max_batch=max_batch)
+    thread = _serve(server)
+    try:
+        bad = _spec(cloud, make("cloud-only", 4), "DDIMScheduler", "poison", 1, 7.5)
+        with pytest.raises(CloudError, match="the cloud's model failed: RuntimeError"):
+            EdgeClient(f"ipc://{tmp_path}/f.sock", edge, timeout_s=60).generate(bad)
+        good = _spec(cloud, make("cloud-only", 4), "DDIMScheduler", "a red circle", 1, 7.5)
+        latent, summary = EdgeClient(f"ipc://{tmp_path}/f.sock", edge, timeout_s=60).generate(good)
+        assert summary.cloud_model_calls == 4 and torch.isfinite(latent).all()
+    finally:
+        server.stop()
+        thread.join(timeout=30)
