@@ -8,7 +8,7 @@ import functools
 import numpy as np
 import torch
 
-from latentwire.protocol import samples
+from latentwire.protocol import quant, samples
 
 # Latent shapes (B, C, H, W) or (B, C, F, H, W) of the models the issue names.
 SHAPES = {
@@ -19,7 +19,7 @@ SHAPES = {
 }
 # What a handoff carries: x_T, a clean-latent stand-in x_0, and x_t at the three handoff steps.
 CONTENTS = ("noise", "smooth", "early", "middle", "late")
-LEVELS = {"int8": 255, "int4": 15}  # quantization levels of the int codecs (protocol/quant.py)
+LEVELS = quant.LEVELS  # quantization levels of the int codecs
 _F32_EPS = float(np.finfo(np.float32).eps)
 
 

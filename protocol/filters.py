@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 NONE, SHUFFLE, LORENZO = 0, 1, 2
-NAMES = {"none": NONE, "shuffle": SHUFFLE, "lorenzo": LORENZO}
 
 # Auto mode uses the Lorenzo filter when, on a sample of rows, the residuals' standard deviation is
 # below this share of the symbols'. For white noise the ratio is 2 (four noisy terms), for a smooth

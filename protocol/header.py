@@ -10,9 +10,10 @@ import numpy as np
 from . import filters
 from .errors import ProtocolError
 from .limits import MAGIC, MAX_NAME_BYTES, MAX_RANK, WIRE_VERSION, Limits
+from .quant import LEVELS
 
 FLOAT_CODECS = {"fp32": 4, "fp16": 2, "bf16": 2}  # codec -> bytes per value
-INT_CODECS = {"int8": 255, "int4": 15}  # codec -> quantization levels
+INT_CODECS = LEVELS  # codec -> quantization levels (protocol/quant.py)
 CODECS = tuple(FLOAT_CODECS) + tuple(INT_CODECS)
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 META_TYPES = (type(None), bool, int, float, str, bytes)

@@ -10,8 +10,8 @@ so |x - x_hat| <= step_c / 2 (plus float32 rounding of the two operations). "Cha
 a tensor of rank >= 2 and the whole tensor for rank 1. A channel whose range is below float32's
 smallest normal number gets step 0: every value decodes to lo_c, off by less than that range.
 
-Two implementations of the same arithmetic: numpy for CPU tensors (measured ~6x faster than the
-same torch ops on one core here, see bench/README.md), latentwire.kernels.quantize for tensors on an
+Two implementations of the same arithmetic: numpy for CPU tensors (measured faster than the
+same torch ops on one core here: bench/test_quantize.py), latentwire.kernels.quantize for tensors on an
 accelerator (Triton on CUDA, its torch reference elsewhere) so that only the 1-byte symbols, int4's
 packed two a byte, cross PCIe. Tests hold them equal up to ties rounded the other way.
 """

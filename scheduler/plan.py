@@ -62,13 +62,10 @@ class Plan:
         return [j for j in range(1, len(self.segments)) if self.segments[j].side != self.segments[j - 1].side]
 
     def __str__(self):
-        marks = {"cloud": "C", "edge": "E"}
-        parts = []
-        for seg in self.segments:
-            fc = forecaster(seg)
-            s = "".join(marks[seg.side] if fc is None or fc.is_real(i - seg.start) else "f"
-                        for i in range(seg.start, seg.stop))
-            parts.append(("~" if seg.renoise else "") + s)
+        marks = {"cloud": "C", "edge": "E", "forecast": "f"}
+        labels = iter(self.labels())
+        parts = [("~" if seg.renoise else "") + "".join(marks[next(labels)[1]] for _ in range(seg.start, seg.stop))
+                 for seg in self.segments]
         return f"{self.name} {self.params} [{' | '.join(parts)}]"  # ~: re-noised; f: forecast
 
     def to_msgpack(self):
