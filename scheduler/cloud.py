@@ -21,7 +21,7 @@ from .plan import PlanError
 from .security import KeyError_, is_loopback, serve_curve
 from .session import SessionSpec
 
-CONDITIONING_CACHE = 64  # prompts whose text embeddings the cloud keeps
+CACHE_ENTRIES = 64  # prompts' text embeddings, and schedules' samplers, the cloud keeps
 POLL_MS = 100  # how often the loop looks at its stop flag while idle
 LINGER_MS = 0  # unsent replies are dropped at close: an edge waiting on them times out by itself
 log = logging.getLogger("latentwire.cloud")
@@ -54,7 +54,7 @@ class CloudServer:
         self._sock.bind(bind)
         self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._stop = threading.Event()
-        self._conditioning = {}
+        self._conditioning, self._samplers = {}, {}
 
     def stop(self):
         self._stop.set()
@@ -151,15 +151,13 @@ class CloudServer:
             if theirs != ours:
                 raise PlanError(f"the edge's model differs from the cloud's in {what.replace('_', ' ')} "
                                 f"({theirs} vs {ours}); a handoff needs both the same")
-        scheduler = spec.make_scheduler()
-        sampler = FusedSampler(scheduler)
+        # One sampler (its coefficient table) per schedule and one encoding per prompt, kept across
+        # requests: both are pure functions of their keys. Samplers are only read, so jobs share them.
+        sampler = _cached(self._samplers, batch.batch_key(spec), lambda: FusedSampler(spec.make_scheduler()))
         state = None if spec.restart_solver or msg.x0_prev is None else SolverState(msg.x0_prev)
-        key = (spec.prompt, spec.negative_prompt)
-        if key not in self._conditioning:
-            if len(self._conditioning) >= CONDITIONING_CACHE:
-                self._conditioning.pop(next(iter(self._conditioning)))
-            self._conditioning[key] = self.model.encode_prompt(*key)
-        return spec, a, b, sampler, msg.latent, state, self._conditioning[key]
+        conditioning = _cached(self._conditioning, (spec.prompt, spec.negative_prompt),
+                               lambda: self.model.encode_prompt(spec.prompt, spec.negative_prompt))
+        return spec, a, b, sampler, msg.latent, state, conditioning
 
     def _run(self, msg, preview):
         spec, a, b, sampler, x, state, conditioning = self._open(msg)
@@ -175,3 +173,12 @@ class CloudServer:
             calls += n
             forecasts += (seg.stop - seg.start) - n
         return self._handoff(spec, list(plan.segments[a:b]), x, state, calls, forecasts)
+
+
+def _cached(cache, key, make):
+    """cache[key], made on a miss; the oldest entry goes when the cache is full (insertion order)."""
+    if key not in cache:
+        if len(cache) >= CACHE_ENTRIES:
+            cache.pop(next(iter(cache)))
+        cache[key] = make()
+    return cache[key]
