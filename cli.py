@@ -18,30 +18,117 @@ def _keys(args):
     return 0
 
 
-def _cloud(args):
-    import logging
+# `latentwire cloud` flags a pool passes on to each of its workers: (argparse dest, flag)
+WORKER_FLAGS = [("model", "--model"), ("preview_every", "--preview-every"), ("threads", "--threads"),
+                ("max_batch", "--max-batch"), ("max_wait_ms", "--max-wait-ms"), ("heartbeat", "--heartbeat"),
+                ("max_message_bytes", "--max-message-bytes"), ("max_tensor_elements", "--max-tensor-elements"),
+                ("max_sessions", "--max-sessions"), ("max_sessions_per_client", "--max-sessions-per-client"),
+                ("max_steps_per_session", "--max-steps-per-session"), ("max_deadline", "--max-deadline")]
 
-    from latentwire.scheduler.cloud import CloudServer
+
+def _cloud(args):
+    from latentwire.scheduler import logs
     from latentwire.scheduler.security import KeyError_, is_loopback
 
-    if not is_loopback(args.bind) and not args.curve_secret and not args.insecure:
+    if args.connect and args.workers:
+        raise SystemExit("latentwire cloud: --workers starts its own broker; --connect makes this a worker of another")
+    if not args.connect and not is_loopback(args.bind) and not args.curve_secret and not args.insecure:
         raise SystemExit(f"latentwire cloud: refusing to serve {args.bind} in the clear: give --curve-secret "
                          "SERVER.key_secret and --allow CLIENTS_DIR (keys from `latentwire keys`), or --insecure")
+    logs.configure()
+    if args.workers:
+        return _pool(args)
+    from latentwire.scheduler.cloud import CloudServer
+    from latentwire.scheduler.limits import ServingLimits
+    from latentwire.scheduler.metrics import Metrics
+
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    model = _load(args.model, "cloud")
     try:
-        server = CloudServer(model, args.bind, preview_every=args.preview_every, max_batch=args.max_batch,
-                             curve_secret=args.curve_secret,
-                             allow=args.allow, insecure=args.insecure)
-    except KeyError_ as e:
+        limits = ServingLimits(max_message_bytes=args.max_message_bytes, max_tensor_elements=args.max_tensor_elements,
+                               max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
+                               max_steps_per_session=args.max_steps_per_session, max_deadline_s=args.max_deadline)
+    except ValueError as e:
         raise SystemExit(f"latentwire cloud: {e}") from None
-    print(f"latentwire cloud: serving {args.model} on {server.endpoint}", flush=True)
+    model = _load(args.model, "cloud")
+    metrics = Metrics()
+    try:
+        server = CloudServer(model, None if args.connect else args.bind, connect=args.connect,
+                             preview_every=args.preview_every, max_batch=args.max_batch,
+                             max_wait_s=args.max_wait_ms / 1000, heartbeat_s=args.heartbeat, limits=limits,
+                             metrics=metrics, curve_secret=args.curve_secret, allow=args.allow,
+                             server_key=args.server_key, insecure=args.insecure)
+    except (KeyError_, ValueError) as e:
+        raise SystemExit(f"latentwire cloud: {e}") from None
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    print(f"latentwire cloud: serving {args.model} on {server.endpoint}"
+          + (f", metrics on http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""), flush=True)
     server.serve_forever()
+    metrics.close()
     print("latentwire cloud: stopped", flush=True)
+    return 0
+
+
+def _pool(args):
+    from latentwire.scheduler.broker import Pool
+    from latentwire.scheduler.security import KeyError_
+
+    worker_args = []
+    for dest, flag in WORKER_FLAGS:
+        worker_args += [flag, str(getattr(args, dest))]
+    try:
+        pool = Pool(args.bind, args.workers, worker_args, metrics_port=args.metrics_port,
+                    curve_secret=args.curve_secret, allow=args.allow, insecure=args.insecure)
+    except (KeyError_, ValueError) as e:
+        raise SystemExit(f"latentwire cloud: {e}") from None
+    ready = lambda: print(f"latentwire cloud: serving {args.model} on {pool.endpoint} with {args.workers} "  # noqa: E731
+                          f"workers", flush=True)
+    pool.serve_forever(on_ready=ready)
+    print("latentwire cloud: stopped", flush=True)
+    return 0
+
+
+def _broker(args):
+    from latentwire.scheduler import logs
+    from latentwire.scheduler.broker import Broker
+    from latentwire.scheduler.security import KeyError_
+
+    logs.configure()
+    try:
+        broker = Broker(args.bind, args.backend, curve_secret=args.curve_secret, allow=args.allow,
+                        insecure=args.insecure)
+    except KeyError_ as e:
+        raise SystemExit(f"latentwire broker: {e}") from None
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    broker.start()
+    print(f"latentwire broker: edges on {broker.frontend}, workers on {broker.backend}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    broker.stop()
+    print("latentwire broker: stopped", flush=True)
+    return 0
+
+
+def _health(args):
+    import json
+
+    from latentwire.scheduler.edge import CloudUnavailable, EdgeClient
+
+    client = EdgeClient(args.connect, None, timeout_s=args.timeout, curve_secret=args.curve_secret,
+                        server_key=args.server_key)
+    try:
+        print(json.dumps(client.health()))
+    except CloudUnavailable as e:
+        print(f"latentwire health: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -130,8 +217,12 @@ def build_parser():
 
     c = sub.add_parser("cloud", help="serve a diffusers Stable-Diffusion-style model to edges",
                        description="Load a diffusers pipeline folder and serve edge sessions until SIGTERM, "
-                                   "which finishes the request in flight.")
+                                   "which finishes the requests in flight. --workers N runs N worker processes "
+                                   "behind one endpoint; --connect makes this process a worker of a "
+                                   "`latentwire broker`. Logs are JSON lines on stderr.")
     c.add_argument("--bind", default="tcp://127.0.0.1:5555", help="tcp://127.0.0.1:PORT or ipc://PATH")
+    c.add_argument("--connect", help="serve as a worker of the broker whose backend is here (instead of --bind)")
+    c.add_argument("--workers", type=int, default=0, help="run a broker on --bind and N worker processes")
     c.add_argument("--model", required=True, help="a folder StableDiffusionPipeline.from_pretrained loads")
     c.add_argument("--preview-every", type=int, default=0, help="stream a preview latent every N steps (0: off)")
     c.add_argument("--threads", type=int, default=0,
@@ -139,10 +230,44 @@ def build_parser():
                         "between processes with the same count")
     c.add_argument("--max-batch", type=int, default=1,
                    help="sessions whose steps share one model forward (1: one request at a time)")
-    c.add_argument("--curve-secret", help="this server's NAME.key_secret: encrypt and authenticate with CURVE")
+    c.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="with --max-batch: how long new sessions wait for company before their first step")
+    c.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats to waiting edges")
+    c.add_argument("--metrics-port", type=int, default=0,
+                   help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (workers: PORT + i)")
+    from latentwire.scheduler.limits import DEFAULT_SERVING_LIMITS as L
+
+    c.add_argument("--max-message-bytes", type=int, default=L.max_message_bytes)
+    c.add_argument("--max-tensor-elements", type=int, default=L.max_tensor_elements)
+    c.add_argument("--max-sessions", type=int, default=L.max_sessions, help="queued or running, per worker")
+    c.add_argument("--max-sessions-per-client", type=int, default=L.max_sessions_per_client)
+    c.add_argument("--max-steps-per-session", type=int, default=L.max_steps_per_session)
+    c.add_argument("--max-deadline", type=float, default=L.max_deadline_s,
+                   help="seconds: the longest deadline a request may ask for")
+    c.add_argument("--curve-secret", help="this server's NAME.key_secret: encrypt and authenticate with CURVE "
+                                          "(a worker: its own, with --server-key)")
     c.add_argument("--allow", help="with --curve-secret: folder of the NAME.key files of admitted edges")
+    c.add_argument("--server-key", help="a worker with --curve-secret: the broker's NAME.key")
     c.add_argument("--insecure", action="store_true", help="allow a non-loopback --bind without CURVE")
     c.set_defaults(func=_cloud)
+
+    b = sub.add_parser("broker", help="one endpoint for edges in front of cloud workers on other machines",
+                       description="Bind --bind for edges and --backend for `latentwire cloud --connect` workers "
+                                   "and pass messages between them (ZeroMQ's proxy, round robin).")
+    b.add_argument("--bind", default="tcp://127.0.0.1:5555")
+    b.add_argument("--backend", default="tcp://127.0.0.1:5556")
+    b.add_argument("--curve-secret", help="the broker's NAME.key_secret (both sides)")
+    b.add_argument("--allow", help="folder of admitted edges' and workers' NAME.key files")
+    b.add_argument("--insecure", action="store_true", help="allow non-loopback endpoints without CURVE")
+    b.set_defaults(func=_broker)
+
+    h = sub.add_parser("health", help="ask a cloud (or one worker behind a broker) how it is",
+                       description="Print the cloud's health reply as JSON; exit 2 if it does not answer.")
+    h.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--curve-secret")
+    h.add_argument("--server-key")
+    h.set_defaults(func=_health)
 
     k = sub.add_parser("keys", help="write a CURVE key pair in pyzmq's certificate format",
                        description="Write DIR/NAME.key (public) and DIR/NAME.key_secret (secret).")

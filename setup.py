@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=["latentwire"] + [f"latentwire.{name}" for name in SUBPACKAGES],
     package_dir={"latentwire": "."},
-    package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"]},
+    package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*"]},
     install_requires=[
         "torch>=2.1",
         "triton",
@@ -32,6 +32,7 @@ setup(
         "msgpack>=1.0",
         "pyzmq",
         "xxhash>=3.0",  # XXH3-64 payload checksum (protocol/SPEC.md)
+        "prometheus-client>=0.17",  # the cloud daemon's /metrics
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],

@@ -36,6 +36,7 @@ class Job:
     calls: int = 0
     forecasts: int = 0
     key: tuple = field(default=None)
+    ticket: object = None  # the server's bookkeeping: who asked, when, until when
 
     @property
     def segment(self):
@@ -65,14 +66,14 @@ def batchable(job):
     return not (table.multistep and job.state is None and job.step > 0)  # a restarted solver steps alone
 
 
-def run_alone(job, model, every):
-    """The rest of the job's current segment, on its own (forecasting segments, restarted solvers)."""
-    seg = job.segment
-    rest = type(seg)(seg.side, job.step, seg.stop, seg.forecast, renoise=False)
-    callback = (lambda i, t, x_t, m, real: job.preview(i, x_t) if (i + 1) % every == 0 else None) if every else None
+def run_alone(job, model, callback=None):
+    """The rest of the job's current segment, on its own (forecasting segments, restarted solvers).
+    callback(i, t, x_t, m, real) after each step, as run_segment's."""
+    seg, start = job.segment, job.step
+    rest = type(seg)(seg.side, start, seg.stop, seg.forecast, renoise=False)
     job.x, job.state, n = run_segment(job.spec, rest, job.sampler, model, job.conditioning, job.x, job.state, callback)
     job.calls += n
-    job.forecasts += (seg.stop - job.step) - n
+    job.forecasts += (seg.stop - start) - n
     job.step = seg.stop
 
 

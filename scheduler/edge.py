@@ -3,6 +3,7 @@
     session = EdgeClient("tcp://127.0.0.1:5555", model)
     latent, summary = session.generate(spec)
 """
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -18,6 +19,11 @@ from .plan import Segment
 from .security import connect_curve
 
 DEFAULT_TIMEOUT_S = 120.0  # a whole cloud segment on a real model; tests pass their own
+DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0  # the cloud beats every second, but only between model steps
+DEFAULT_RETRIES = 2
+RETRY_BACKOFF_S = 0.2  # times the attempt number: a busy worker gets a moment
+POLL_MS = 100  # how often a wait looks at the cancel flag
+CANCEL_LINGER_MS = 200
 LINGER_MS = 0
 
 
@@ -33,16 +39,31 @@ class CloudRefused(CloudUnavailable):
     """The cloud's CURVE handshake rejected this edge (unknown key, wrong server key, or no CURVE)."""
 
 
+class _Retryable(CloudUnavailable):
+    """This request is lost (the cloud died or went silent) or was turned away as busy: send it again."""
+
+
+class Cancelled(RuntimeError):
+    """EdgeClient.cancel() stopped the generation; the cloud was told to drop the request."""
+
+
 class EdgeClient:
     """Runs generations against one cloud endpoint; one request at a time per client."""
 
     def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, on_step=None,
                  link=None, error_budget=None, sleep=time.sleep, fallback=False, curve_secret=None, server_key=None,
+                 heartbeat_timeout_s=DEFAULT_HEARTBEAT_TIMEOUT_S, retries=DEFAULT_RETRIES, deadline_s=None,
                  context=None):
         """codecs: a wire.Codecs; or None with ``link`` and ``error_budget`` given: the latent codec is
         chosen for that link (least encode + transfer + decode time within the budget), measured once
         on a latent of the model's size. link: an emulated scheduler.link.Link, delaying every message
-        sent and received by its transfer time (``sleep`` is how; tests pass a recorder)."""
+        sent and received by its transfer time (``sleep`` is how; tests pass a recorder).
+        timeout_s bounds each request's wait here; deadline_s (default timeout_s) is the time the cloud
+        gives the request before it ends it with a `deadline` error; heartbeat_timeout_s: a
+        cloud silent that long (no heartbeat, preview or reply) is presumed dead (None: wait for
+        timeout_s); it must exceed one model step's time on the cloud. retries: how many more times a
+        request goes out (through a broker, to another worker) after the cloud died, went silent, or
+        said it is busy or stopping; then the fallback, if on, finishes here."""
         self.connect, self.model = connect, model
         if codecs is None and link is not None and error_budget is not None:
             from .link import choose_codec, measure_codecs, sample_latent
@@ -55,7 +76,12 @@ class EdgeClient:
         # last preview, else the latent sent to it) and mark the result degraded, rather than raise
         self.fallback = fallback
         self._last_preview = None
-        self.timeout_s = timeout_s
+        self.timeout_s, self.heartbeat_timeout_s, self.retries = timeout_s, heartbeat_timeout_s, retries
+        self.deadline_s = timeout_s if deadline_s is None else deadline_s
+        self.session_id = None  # the id of the last generation, as the cloud's logs name it
+        self.attempts = 0  # requests sent, retries included, over this client's life
+        self._cancel = threading.Event()
+        self._monitors = {}  # socket -> its handshake-event monitor
         self.on_preview = on_preview  # on_preview(step, latent) for each preview the cloud streams
         self.on_step = on_step  # on_step(step, real) after each step run here
         self._ctx = context or zmq.Context.instance()
@@ -65,14 +91,17 @@ class EdgeClient:
         self.curve = (curve_secret, server_key) if curve_secret else None
 
     def generate(self, spec):
-        """Run ``spec`` (a SessionSpec) -> (latent, Summary). The edge's own segments run here."""
+        """Run ``spec`` (a SessionSpec) -> (latent, Summary). The edge's own segments run here.
+        Raises Cancelled if cancel() is called meanwhile (from another thread)."""
         plan = spec.plan
+        self._cancel.clear()
+        self.session_id = uuid.uuid4().hex
         scheduler = spec.make_scheduler()
         sampler = FusedSampler(scheduler)
         summary = Summary(plan=plan.name, steps=plan.num_steps, labels=plan.labels())
         x, state, conditioning = None, None, None
         j = 0
-        sock = self._socket()
+        self._sock = self._socket()
         try:
             while j < len(plan.segments):
                 seg = plan.segments[j]
@@ -85,15 +114,13 @@ class EdgeClient:
                     while k < len(plan.segments) and plan.segments[k].side == "cloud":
                         k += 1
                     try:
-                        x, state, calls, forecasts = self._remote(sock, spec, j, k, x, state)
+                        x, state, calls, forecasts = self._remote(spec, j, k, x, state)
                     except CloudUnavailable:
                         if not self.fallback:
                             raise
                         if conditioning is None:
                             conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
                         x, state = self._finish_here(spec, sampler, conditioning, j, k, x, summary)
-                        self._close(sock)  # the request may still be queued there: never read its late reply
-                        sock = self._socket()
                         j = k
                         continue
                     summary.cloud_model_calls += calls
@@ -104,18 +131,51 @@ class EdgeClient:
                     x = initial_noise(self.model, spec.seed, scheduler)
                 if conditioning is None:
                     conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
-                callback = None if self.on_step is None else (lambda i, t, x_t, m, real: self.on_step(i, real))
-                x, state, calls = run_segment(spec, seg, sampler, self.model, conditioning, x, state, callback)
+                x, state, calls = run_segment(spec, seg, sampler, self.model, conditioning, x, state, self._after_step)
                 summary.edge_model_calls += calls
                 summary.forecast_steps += (seg.stop - seg.start) - calls
                 j += 1
         finally:
-            self._close(sock)
+            self._close(self._sock)
         return x, summary
 
-    def _close(self, sock):
+    def run_remote(self, spec, a, b, x=None, state=None):
+        """Have the cloud run segments [a, b) of spec's plan from latent x (None: the cloud draws x_T from
+        the seed) and solver state -> (x, state, model calls, forecast steps). This is what generate()
+        does for each stretch of cloud segments; a serving stack that drives its own loop calls it."""
+        self._cancel.clear()
+        self.session_id = uuid.uuid4().hex
+        self._sock = self._socket()
+        try:
+            return self._remote(spec, a, b, x, state)
+        finally:
+            self._close(self._sock)
+
+    def cancel(self):
+        """Stop the generation in progress (thread-safe): the edge stops at its next step or poll, tells the
+        cloud to drop its request at its next step boundary, and generate() raises Cancelled."""
+        self._cancel.set()
+
+    def health(self):
+        """Ask the cloud (through a broker: one of its workers) how it is -> dict (status, jobs, pid, ...)."""
+        sock = self._socket()
+        try:
+            request = uuid.uuid4().bytes
+            sock.send_multipart([request] + wire.encode(wire.Message("health"), self.codecs), copy=False)
+            return self._await(sock, request, kind="health")
+        finally:
+            self._close(sock)
+
+    def _after_step(self, i, t, x_t, m, real):
+        if self._cancel.is_set():
+            raise Cancelled("the generation was cancelled")
+        if self.on_step is not None:
+            self.on_step(i, real)
+
+    def _close(self, sock, linger_ms=LINGER_MS):
         sock.disable_monitor()
-        self._monitor.close()
+        self._monitors.pop(sock).close()
+        sock.linger = linger_ms
         sock.close()
 
     def _socket(self):
@@ -124,17 +184,17 @@ class EdgeClient:
         if self.curve is not None:
             connect_curve(sock, *self.curve)
         # handshake events tell a refused edge at once, rather than at its deadline
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        self._monitors[sock] = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                                                 | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         sock.connect(self.connect)
         return sock
 
-    def _refused(self):
+    def _refused(self, monitor):
         """The reason the cloud rejected our handshake, if a monitor event says it did."""
         from zmq.utils.monitor import recv_monitor_message
 
-        while self._monitor.poll(0):
-            event = recv_monitor_message(self._monitor)["event"]
+        while monitor.poll(0):
+            event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 return "it does not admit this edge's key (is NAME.key in the cloud's --allow folder?)"
             return ("the connection's security handshake failed (does one side use CURVE and the other not, "
@@ -157,19 +217,48 @@ class EdgeClient:
             if seg.stop <= start:
                 continue
             local = Segment("edge", max(seg.start, start), seg.stop, renoise=seg.renoise and start <= seg.start)
-            x, state, calls = run_segment(spec, local, sampler, self.model, conditioning, x, state)
+            x, state, calls = run_segment(spec, local, sampler, self.model, conditioning, x, state, self._after_step)
             summary.edge_model_calls += calls
         return x, state
 
-    def _remote(self, sock, spec, a, b, x, state):
-        """Have the cloud run segments [a, b) -> (x, state, model calls, forecast steps)."""
-        return self._await(sock, self._send(sock, spec, a, b, x, state))
+    def _remote(self, spec, a, b, x, state):
+        """Have the cloud run segments [a, b) -> (x, state, model calls, forecast steps). A request lost
+        with a dead or silent cloud, or turned away as busy, goes out again on a fresh connection (a
+        broker hands it to another worker): the same inputs, so the same result."""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self._sleep(RETRY_BACKOFF_S * attempt)
+            request = self._send(self._sock, spec, a, b, x, state)
+            try:
+                reply = self._await(self._sock, request)
+            except (_Retryable, Cancelled) as e:
+                self._abandon(request)
+                if isinstance(e, Cancelled) or attempt == self.retries:
+                    raise
+            except CloudUnavailable:
+                self._abandon(request)
+                raise
+            else:
+                state = SolverState(reply.x0_prev) if reply.x0_prev is not None else None
+                return reply.latent, state, reply.meta["model_calls"], reply.meta["forecast_steps"]
+
+    def _abandon(self, request):
+        """Tell the cloud to drop a request (if it is alive to hear it), and never read its late replies."""
+        try:
+            self._sock.send_multipart([request] + wire.encode(wire.Message("cancel"), self.codecs),
+                                      flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:
+            pass
+        self._close(self._sock, linger_ms=CANCEL_LINGER_MS)  # long enough for the cancel to leave
+        self._sock = self._socket()
 
     def _send(self, sock, spec, a, b, x, state):
         """Send a run request for segments [a, b) from latent x (None: the cloud draws x_T) -> its id."""
         self._last_preview = None
         request_id = uuid.uuid4().bytes
+        self.attempts += 1
         msg = wire.Message("run", {"session": spec.to_msgpack(), "segments": [a, b],
+                                   "session_id": self.session_id, "deadline_s": self.deadline_s,
                                    "codecs": self.codecs.to_meta(),
                                    # the cloud checks its model against these before it runs anything
                                    "latent_space": wire.plain(self.model.latent_space),
@@ -182,39 +271,56 @@ class EdgeClient:
         sock.send_multipart([request_id] + frames, copy=False)
         return request_id
 
-    def _await(self, sock, request_id):
-        """The reply to request_id, previews passed to on_preview on the way."""
-        deadline = time.monotonic() + self.timeout_s
+    def _await(self, sock, request_id, kind="handoff"):
+        """The reply to request_id (a Message), previews passed to on_preview on the way."""
+        start = heard = time.monotonic()
+        deadline = start + self.timeout_s
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
+        monitor = self._monitors[sock]
+        poller.register(monitor, zmq.POLLIN)
         while True:
-            left = deadline - time.monotonic()
-            ready = dict(poller.poll(int(left * 1000) + 1)) if left > 0 else {}
-            reason = self._refused() if self._monitor in ready else None
+            if self._cancel.is_set():
+                raise Cancelled("the generation was cancelled")
+            now = time.monotonic()
+            if now >= deadline:
+                raise CloudUnavailable(f"no answer from the cloud at {self.connect} within {self.timeout_s:g} s: "
+                                       "is `latentwire cloud` running there, and reachable?")
+            if self.heartbeat_timeout_s is not None and now - heard > self.heartbeat_timeout_s:
+                raise _Retryable(f"the cloud at {self.connect} went silent for {self.heartbeat_timeout_s:g} s "
+                                 "(no heartbeat): it died, or is not running")
+            ready = dict(poller.poll(min(POLL_MS, int((deadline - now) * 1000) + 1)))
+            reason = self._refused(monitor) if monitor in ready else None
             if reason:
                 raise CloudRefused(f"the cloud at {self.connect} refused this edge: {reason}")
             if sock not in ready:
-                if time.monotonic() < deadline:
-                    continue
-                raise CloudUnavailable(f"no answer from the cloud at {self.connect} within {self.timeout_s:g} s: "
-                                       "is `latentwire cloud` running there, and reachable?")
+                continue
             reply = sock.recv_multipart(copy=False)
             if bytes(reply[0]) != request_id:
                 continue  # a late reply to an earlier, abandoned request
+            heard = time.monotonic()
             self.bytes_down += wire_bytes(reply[1:])
             if self.link is not None:
                 self._sleep(self.link.transfer_s(wire_bytes(reply[1:])))  # the reply's way down
             m = wire.decode(reply[1:])
+            if m.kind == "beat":
+                continue
             if m.kind == "preview":
                 self._last_preview = (m.meta["step"], m.latent)
                 if self.on_preview is not None:
                     self.on_preview(m.meta["step"], m.latent)
                 continue
             if m.kind == "error":
-                raise CloudError(m.meta.get("message", "the cloud refused the request"))
-            state = SolverState(m.x0_prev) if m.x0_prev is not None else None
-            return m.latent, state, m.meta["model_calls"], m.meta["forecast_steps"]
+                text = m.meta.get("message", "the cloud refused the request")
+                code = m.meta.get("code")
+                if code in wire.RETRYABLE and code != "deadline":
+                    raise _Retryable(f"the cloud at {self.connect} turned the request away: {text}")
+                if code == "deadline":
+                    raise CloudUnavailable(f"the cloud at {self.connect} did not finish in time: {text}")
+                raise CloudError(text)
+            if m.kind != kind:
+                raise CloudError(f"the cloud answered a {kind} request with a {m.kind!r} message")
+            return m.meta if kind == "health" else m
 
 
 def summary_dict(summary, **extra):

@@ -49,15 +49,18 @@ def is_loopback(endpoint):
     return endpoint.startswith(LOOPBACK_PREFIXES)
 
 
-def serve_curve(socket, context, secret_path, allow_dir):
+def serve_curve(socket, context, secret_path, allow_dir, authenticator=None):
     """Make ``socket`` a CURVE server admitting the public keys in ``allow_dir``. -> the authenticator
-    (stop it when the socket closes)."""
+    (stop it when the socket closes). A second socket of the same context passes the first one's
+    ``authenticator``: ZeroMQ asks one authenticator per context."""
     if not Path(allow_dir).is_dir():
         raise KeyError_(f"--allow {allow_dir}: not a folder of client public keys (NAME.key files)")
     public, secret = load_secret(secret_path)
-    auth = ThreadAuthenticator(context)
-    auth.start()
-    auth.configure_curve(domain="*", location=str(allow_dir))
+    auth = authenticator
+    if auth is None:
+        auth = ThreadAuthenticator(context)
+        auth.start()
+        auth.configure_curve(domain="*", location=str(allow_dir))
     socket.curve_secretkey, socket.curve_publickey, socket.curve_server = secret, public, True
     return auth
 

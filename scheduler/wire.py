@@ -1,10 +1,13 @@
 """The messages an edge and a cloud exchange, on top of latentwire.protocol's multipart frames.
 
-    edge -> cloud   run      meta: session (SessionSpec msgpack), segments [a, b), has_latent
+    edge -> cloud   run      meta: session (SessionSpec msgpack), segments [a, b), session_id, deadline_s
                              tensors: latent (absent: the cloud draws x_T from the seed), solver/x0_prev
-    cloud -> edge   preview  meta: step; tensors: latent (int8, every `preview_every` steps)
-    cloud -> edge   handoff  meta: step, model_calls, forecast_steps; tensors: latent, solver/x0_prev
-    cloud -> edge   error    meta: message
+    cloud -> edge   preview  meta: step, worker (pid); tensors: latent (int8, every `preview_every` steps)
+    cloud -> edge   handoff  meta: step, model_calls, forecast_steps, worker; tensors: latent, solver/x0_prev
+    cloud -> edge   error    meta: message, code (refused | limit | busy | deadline | model | unavailable)
+    edge -> cloud   cancel   (the id of the request to drop at its next step boundary; no reply)
+    cloud -> edge   beat     meta: step; every heartbeat interval while the request is queued or running
+    edge -> cloud   health   -> health  meta: status, jobs, pid, max_batch, uptime_s
 
 Every message is [request id] + protocol frames, so replies can be matched to requests on a
 DEALER/ROUTER pair. Only msgpack and raw tensor frames cross: no pickle.
@@ -14,6 +17,9 @@ from dataclasses import dataclass, field
 from latentwire.protocol import ProtocolError, decode_message, encode_message
 
 LATENT, STATE = "latent", "solver/x0_prev"
+KINDS = ("run", "preview", "handoff", "error", "cancel", "beat", "health")
+# error codes an edge may retry elsewhere: this cloud cannot take or finish the request, another one may
+RETRYABLE = ("busy", "unavailable", "deadline")
 DEFAULT_CODECS = {"latent": ("int8", 3), "state": ("fp16", 0), "preview": ("int8", 1)}
 
 
@@ -52,13 +58,18 @@ def encode(msg, codecs):
     return encode_message(tensors, {"kind": msg.kind, **msg.meta}, codecs=chosen)
 
 
-def decode(frames):
-    m = decode_message(frames)
+def decode(frames, limits=None):
+    """frames -> Message; limits: a latentwire.protocol.Limits (default: the protocol's)."""
+    m = decode_message(frames) if limits is None else decode_message(frames, limits=limits)
     meta = dict(m.meta)
     kind = meta.pop("kind", None)
-    if kind not in ("run", "preview", "handoff", "error"):
+    if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {kind!r}")
     return Message(kind, meta, m.tensors.get(LATENT), m.tensors.get(STATE))
+
+
+def error(code, text):
+    return Message("error", {"code": code, "message": text})
 
 
 def plain(value):

@@ -1,6 +1,7 @@
 """Step-level batching: sessions at different steps, with different prompts, seeds, guidance and plans,
 share model forwards and per-row fused steps, and each ends as it would alone (to 1e-5)."""
 import threading
+import time
 
 import pytest
 import torch
@@ -51,32 +52,33 @@ def test_batched_sessions_end_as_they_would_alone(models, tmp_path):
     alone_server = CloudServer(cloud, f"ipc://{tmp_path}/alone.sock")
     thread = _serve(alone_server)
     try:
-        alone = []
-        for spec, (a, b) in sessions:
-            client = EdgeClient(f"ipc://{tmp_path}/alone.sock", edge, codecs=EXACT, timeout_s=60)
-            sock = client._socket()
-            alone.append(client._remote(sock, spec, a, b, None, None))
-            client._close(sock)
+        alone = [EdgeClient(f"ipc://{tmp_path}/alone.sock", edge, codecs=EXACT, timeout_s=60).run_remote(spec, a, b)
+                 for spec, (a, b) in sessions]
     finally:
         alone_server.stop()
         thread.join(timeout=30)
     # batched: every request is queued before the server's loop starts, so they share its first turns
     server = CloudServer(cloud, f"ipc://{tmp_path}/batch.sock", max_batch=4, preview_every=3)
-    clients, socks, ids = [], [], []
-    for spec, (a, b) in sessions:
-        client = EdgeClient(f"ipc://{tmp_path}/batch.sock", edge, codecs=EXACT, timeout_s=60)
-        sock = client._socket()
-        clients.append(client)
-        socks.append(sock)
-        ids.append(client._send(sock, spec, a, b, None, None))
+    clients = [EdgeClient(f"ipc://{tmp_path}/batch.sock", edge, codecs=EXACT, timeout_s=60) for _ in sessions]
+    batched = [None] * len(sessions)
+
+    def run(r):
+        spec, (a, b) = sessions[r]
+        batched[r] = clients[r].run_remote(spec, a, b)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(sessions))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while sum(c.attempts for c in clients) < len(sessions) and time.monotonic() < deadline:
+        time.sleep(0.01)
     thread = _serve(server)
     try:
-        batched = [c._await(s, i) for c, s, i in zip(clients, socks, ids)]
+        for t in threads:
+            t.join(timeout=60)
     finally:
         server.stop()
         thread.join(timeout=30)
-        for c, s in zip(clients, socks):
-            c._close(s)
     assert max(server.batch_sizes) >= 3  # the three DPM sessions without forecasting stepped together
     for (x_alone, st_alone, calls_alone, fc_alone), (x_b, st_b, calls_b, fc_b) in zip(alone, batched):
         assert ((x_b - x_alone).abs().max() / x_alone.abs().max()).item() <= 1e-5

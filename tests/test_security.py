@@ -1,12 +1,10 @@
 """CURVE: only edges holding an admitted key get in, a refused edge learns it at once, and a daemon will
 not serve a non-loopback address in the clear. Daemons run as real processes on loopback."""
 import shutil
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
+import daemons
 import pytest
 
 from latentwire.pipelines.sd import StableDiffusionModel
@@ -15,7 +13,7 @@ from latentwire.scheduler import SessionSpec, make
 from latentwire.scheduler.edge import CloudRefused, CloudUnavailable, EdgeClient
 from latentwire.scheduler.security import KeyError_, write_keys
 
-CLI = str(Path(sys.executable).with_name("latentwire"))
+CLI = daemons.CLI
 TIMEOUT_S = 30
 
 
@@ -29,15 +27,11 @@ def setup(tmp_path_factory):
     (root / "allowed").mkdir()
     shutil.copy(root / "keys" / "alice.key", root / "allowed")
     bind = f"ipc://{root}/curve.sock"
-    proc = subprocess.Popen([CLI, "cloud", "--bind", bind, "--model", str(cloud_path), "--curve-secret",
-                             str(root / "keys" / "server.key_secret"), "--allow", str(root / "allowed")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    assert "serving" in line, proc.stderr.read()[-2000:]
+    proc = daemons.start("cloud", "--bind", bind, "--model", str(cloud_path), "--curve-secret",
+                         str(root / "keys" / "server.key_secret"), "--allow", str(root / "allowed"))
     edge = StableDiffusionModel.from_pretrained(str(edge_path))
     yield root, bind, edge
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    assert daemons.stop(proc) == 0
 
 
 def _spec(model):

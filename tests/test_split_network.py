@@ -3,14 +3,10 @@ once as `latentwire edge`), over ipc:// and tcp://127.0.0.1 with bounded waits. 
 equal what one process computes with the same models, seed and plan."""
 import json
 import os
-import select
-import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
+import daemons
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -21,8 +17,7 @@ from latentwire.scheduler import SessionSpec, make, run_plan
 from latentwire.scheduler.edge import CloudError, CloudUnavailable, EdgeClient
 from latentwire.scheduler.wire import Codecs
 
-CLI = str(Path(sys.executable).with_name("latentwire"))
-READY_TIMEOUT_S = 90  # the daemon imports torch, diffusers and transformers before it prints its line
+CLI = daemons.CLI
 REPLY_TIMEOUT_S = 60
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
 PROMPT, NEGATIVE = "a red circle on a blue square", "green"
@@ -35,39 +30,12 @@ def pair(tmp_path_factory):
     return str(cloud_path), str(edge_path)
 
 
-def _start_cloud(model_path, bind, *extra):
-    # The same CPU thread count as this process: convolutions sum in another order with another count,
-    # and the split runs are compared bit for bit with runs made here.
-    threads = ["--threads", str(torch.get_num_threads())]
-    proc = subprocess.Popen([CLI, "cloud", "--bind", bind, "--model", model_path, *threads, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready or proc.poll() is not None:
-            break
-        line = proc.stdout.readline()
-        if "serving" in line:
-            return proc
-    proc.kill()
-    raise RuntimeError(f"the cloud did not start within {READY_TIMEOUT_S} s: {proc.stderr.read()[-2000:]}")
-
-
-def _stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
 @pytest.fixture(scope="module")
 def cloud(pair, tmp_path_factory):
     bind = f"ipc://{tmp_path_factory.mktemp('ipc')}/cloud.sock"
-    proc = _start_cloud(pair[0], bind, "--preview-every", "2")
+    proc = daemons.start("cloud", "--model", pair[0], "--bind", bind, "--preview-every", "2")
     yield bind
-    assert _stop(proc) == 0, "SIGTERM should let the cloud finish and exit cleanly"
+    assert daemons.stop(proc) == 0, "SIGTERM should let the cloud finish and exit cleanly"
 
 
 @pytest.fixture(scope="module")
@@ -144,12 +112,8 @@ def test_carrying_the_solver_state_against_restarting_it(cloud, models):
 def test_the_cloud_refuses_segments_that_are_not_its_own(cloud, models):
     spec = _spec(models["cloud"], make("edge-only", 4))
     client = EdgeClient(cloud, models["edge"], codecs=EXACT, timeout_s=REPLY_TIMEOUT_S)
-    sock = client._socket()  # a request the edge client itself would never make
-    try:
-        with pytest.raises(CloudError, match="not the cloud's to run"):
-            client._remote(sock, spec, 0, 1, None, None)
-    finally:
-        client._close(sock)
+    with pytest.raises(CloudError, match="not the cloud's to run"):  # a request generate() would never make
+        client.run_remote(spec, 0, 1)
 
 
 def test_models_that_do_not_share_a_text_space_are_refused(cloud, pair):
@@ -174,24 +138,35 @@ def test_a_cloud_that_is_not_there_is_reported_after_a_bounded_wait(models, tmp_
     assert time.monotonic() - start < 10
 
 
-def test_a_cloud_that_dies_mid_session_is_reported(pair, models, tmp_path):
-    proc = _start_cloud(pair[0], f"ipc://{tmp_path}/dying.sock", "--preview-every", "1")
+def test_a_cloud_that_dies_mid_session_is_noticed_by_its_heartbeats_and_used_again_when_back(pair, models, tmp_path):
+    bind = f"ipc://{tmp_path}/dying.sock"
+    proc = daemons.start("cloud", "--model", pair[0], "--bind", bind, "--preview-every", "1", "--heartbeat", "0.2")
+    spec = _spec(models["cloud"], make("cloud-only", 30))
     try:
-        spec = _spec(models["cloud"], make("cloud-only", 30))
-        client = EdgeClient(f"ipc://{tmp_path}/dying.sock", models["edge"], timeout_s=5.0,
+        client = EdgeClient(bind, models["edge"], timeout_s=REPLY_TIMEOUT_S, heartbeat_timeout_s=2.0, retries=0,
                             on_preview=lambda step, x: proc.kill() if step == 1 else None)
-        with pytest.raises(CloudUnavailable):
+        start = time.monotonic()
+        with pytest.raises(CloudUnavailable, match="went silent"):
             client.generate(spec)
+        assert time.monotonic() - start < REPLY_TIMEOUT_S / 3  # the heartbeats, not the deadline, told
     finally:
         proc.kill()
         proc.wait(timeout=30)
+    proc = daemons.start("cloud", "--model", pair[0], "--bind", bind)  # back, at the same address
+    try:
+        latent, summary = EdgeClient(bind, models["edge"], codecs=EXACT, timeout_s=REPLY_TIMEOUT_S,
+                                     fallback=True).generate(spec)
+        assert not summary.degraded and summary.cloud_model_calls == 30
+        assert torch.equal(latent, run_plan(spec, models)[0])
+    finally:
+        assert daemons.stop(proc) == 0
 
 
 def test_with_fallback_the_edge_finishes_from_the_last_preview_and_says_so(pair, models, tmp_path):
     from latentwire.kernels import FusedSampler
     from latentwire.scheduler import Segment, run_segment
 
-    proc = _start_cloud(pair[0], f"ipc://{tmp_path}/dying.sock", "--preview-every", "1")
+    proc = daemons.start("cloud", "--model", pair[0], "--bind", f"ipc://{tmp_path}/dying.sock", "--preview-every", "1")
     previews = []
 
     def kill_at_first_preview(step, x):
@@ -215,15 +190,9 @@ def test_with_fallback_the_edge_finishes_from_the_last_preview_and_says_so(pair,
     assert torch.equal(latent, expected) and summary.edge_model_calls == calls == 36 - step
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_path):
-    bind = f"tcp://127.0.0.1:{_free_port()}"
-    proc = _start_cloud(pair[0], bind)
+    bind = f"tcp://127.0.0.1:{daemons.free_port()}"
+    proc = daemons.start("cloud", "--model", pair[0], "--bind", bind)
     try:
         out = tmp_path / "image.png"
         run = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT,
@@ -245,4 +214,4 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
                                capture_output=True, text=True, timeout=180)
         assert shown.returncode == 0 and "step   4/4 edge" in shown.stderr and "hybrid-sd" in shown.stderr
     finally:
-        assert _stop(proc) == 0
+        assert daemons.stop(proc) == 0
