@@ -76,6 +76,10 @@ def _pool(args):
     from latentwire.scheduler.broker import Pool
     from latentwire.scheduler.security import KeyError_
 
+    if not args.threads:  # N workers with every core's worth of threads each would spin against each other
+        import os
+
+        args.threads = max(1, (os.cpu_count() or 1) // args.workers)
     worker_args = []
     for dest, flag in WORKER_FLAGS:
         worker_args += [flag, str(getattr(args, dest))]
@@ -226,8 +230,8 @@ def build_parser():
     c.add_argument("--model", required=True, help="a folder StableDiffusionPipeline.from_pretrained loads")
     c.add_argument("--preview-every", type=int, default=0, help="stream a preview latent every N steps (0: off)")
     c.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default); results are bitwise reproducible only "
-                        "between processes with the same count")
+                   help="torch CPU threads (0: torch's default; with --workers N, cores / N each); results "
+                        "are bitwise reproducible only between processes with the same count")
     c.add_argument("--max-batch", type=int, default=1,
                    help="sessions whose steps share one model forward (1: one request at a time)")
     c.add_argument("--max-wait-ms", type=float, default=0.0,

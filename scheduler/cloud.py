@@ -201,6 +201,10 @@ class CloudServer:
             log.warning("refused", extra=fields(peer=peer.hex(), request=request.hex(), reason=str(e)))
             self.metrics.sessions.labels("refused").inc()
             refuse("refused", f"{type(e).__name__}: {e}")
+        except Exception as e:  # the model failed on the prompt: say so, and serve on
+            log.exception("refused", extra=fields(peer=peer.hex(), request=request.hex()))
+            self.metrics.sessions.labels("refused").inc()
+            refuse("model", f"the cloud's model failed on this request: {type(e).__name__}: {e}")
 
     def health(self):
         return {"status": "stopping" if self._stop.is_set() else "ok", "jobs": len(self._jobs), "pid": self.pid,
@@ -240,6 +244,7 @@ class CloudServer:
             job.step = job.segments[0].start
         self._jobs.append(job)
         self._by_id[peer, request] = job
+        reply(wire.Message("beat", {"step": job.step}))  # received: the edge's silence clock starts now
         self.metrics.active.set(len(self._jobs))
         log.info("admitted", extra=fields(session=session, request=request.hex(), peer=peer.hex(), plan=spec.plan.name,
                                           segments=[a, b], steps=spec.plan.num_steps, queued=len(self._jobs) - 1))
@@ -265,7 +270,7 @@ class CloudServer:
                 raise PlanError(f"the {name} has shape {tuple(tensor.shape)}; this model's latents are {expected}")
         # One sampler (its coefficient table) per schedule and one encoding per prompt, kept across
         # requests: both are pure functions of their keys. Samplers are only read, so jobs share them.
-        sampler = _cached(self._samplers, batch.batch_key(spec), lambda: FusedSampler(spec.make_scheduler()))
+        sampler = _cached(self._samplers, batch.batch_key(spec), lambda: _sampler(spec))
         state = None if spec.restart_solver or msg.x0_prev is None else SolverState(msg.x0_prev)
         conditioning = _cached(self._conditioning, (spec.prompt, spec.negative_prompt),
                                lambda: self.model.encode_prompt(spec.prompt, spec.negative_prompt))
@@ -379,15 +384,25 @@ class CloudServer:
     def _end(self, job, outcome, reply):
         self._jobs.remove(job)
         self._by_id.pop((job.ticket.peer, job.ticket.request), None)
-        if reply is not None:
-            job.reply(reply)
         seconds = time.monotonic() - job.ticket.admitted
-        self.metrics.sessions.labels(outcome).inc()
+        self.metrics.sessions.labels(outcome).inc()  # counted and logged before the edge hears of it
         self.metrics.active.set(len(self._jobs))
         if outcome == "finished":
             self.metrics.latency.observe(seconds)
         log.info(outcome, extra=fields(session=job.ticket.session, request=job.ticket.request.hex(), step=job.step,
                                        model_calls=job.calls, seconds=round(seconds, 4)))
+        if reply is not None:
+            job.reply(reply)
+
+
+def _sampler(spec):
+    try:
+        return FusedSampler(spec.make_scheduler())
+    except PlanError:
+        raise
+    except Exception as e:  # diffusers raises what it likes on a config it cannot use
+        raise PlanError(f"cannot build a {spec.scheduler} from the session's scheduler config "
+                        f"({type(e).__name__}: {e})") from None
 
 
 def _client(frames, peer):

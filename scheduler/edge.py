@@ -79,6 +79,7 @@ class EdgeClient:
         self.timeout_s, self.heartbeat_timeout_s, self.retries = timeout_s, heartbeat_timeout_s, retries
         self.deadline_s = timeout_s if deadline_s is None else deadline_s
         self.session_id = None  # the id of the last generation, as the cloud's logs name it
+        self.worker = None  # the pid of the cloud worker that sent the last preview or handoff
         self.attempts = 0  # requests sent, retries included, over this client's life
         self._cancel = threading.Event()
         self._monitors = {}  # socket -> its handshake-event monitor
@@ -157,14 +158,19 @@ class EdgeClient:
         self._cancel.set()
 
     def health(self):
-        """Ask the cloud (through a broker: one of its workers) how it is -> dict (status, jobs, pid, ...)."""
-        sock = self._socket()
-        try:
-            request = uuid.uuid4().bytes
-            sock.send_multipart([request] + wire.encode(wire.Message("health"), self.codecs), copy=False)
-            return self._await(sock, request, kind="health")
-        finally:
-            self._close(sock)
+        """Ask the cloud (through a broker: one of its workers) how it is -> dict (status, jobs, pid, ...).
+        An unanswered request goes again, like a run request, up to ``retries`` times."""
+        for attempt in range(self.retries + 1):
+            sock = self._socket()
+            try:
+                request = uuid.uuid4().bytes
+                sock.send_multipart([request] + wire.encode(wire.Message("health"), self.codecs), copy=False)
+                return self._await(sock, request, kind="health")
+            except _Retryable:
+                if attempt == self.retries:
+                    raise
+            finally:
+                self._close(sock)
 
     def _after_step(self, i, t, x_t, m, real):
         if self._cancel.is_set():
@@ -305,6 +311,7 @@ class EdgeClient:
             m = wire.decode(reply[1:])
             if m.kind == "beat":
                 continue
+            self.worker = m.meta.get("worker", self.worker)
             if m.kind == "preview":
                 self._last_preview = (m.meta["step"], m.latent)
                 if self.on_preview is not None:
