@@ -314,3 +314,42 @@ def test_a_fuzzed_daemon_stays_up_and_answers_the_next_valid_request_correctly(p
         assert torch.equal(latent, run_plan(spec, models)[0])
     finally:
         assert daemons.stop(proc) == 0
+
+
+def test_the_per_client_limit_counts_a_curve_key_across_connections(models, tmp_path):
+    from latentwire.scheduler.security import write_keys
+
+    for name in ("server", "alice"):
+        write_keys(tmp_path / "keys", name)
+    (tmp_path / "allowed").mkdir()
+    (tmp_path / "allowed" / "alice.key").write_bytes((tmp_path / "keys" / "alice.key").read_bytes())
+    bind = f"ipc://{tmp_path}/k.sock"
+    keys = {"curve_secret": tmp_path / "keys" / "alice.key_secret", "server_key": tmp_path / "keys" / "server.key"}
+    with _Served(_Slow(models["cloud"], 0.02), bind, limits=ServingLimits(max_sessions_per_client=1),
+                 curve_secret=tmp_path / "keys" / "server.key_secret", allow=tmp_path / "allowed"):
+        long = EdgeClient(bind, models["edge"], timeout_s=WAIT_S, **keys)
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(_catch(long.generate, _spec(models["cloud"], 500))))
+        thread.start()
+        health = EdgeClient(bind, None, timeout_s=WAIT_S, **keys)
+        _until(lambda: health.health()["jobs"] == 1, "the long session to be admitted")
+        with pytest.raises(CloudError, match="--max-sessions-per-client"):  # another connection, the same key
+            EdgeClient(bind, models["edge"], timeout_s=WAIT_S, **keys).generate(_spec(models["cloud"], 4))
+        long.cancel()
+        thread.join(timeout=WAIT_S)
+        assert isinstance(outcome[0], Cancelled)
+
+
+def test_a_broker_and_a_worker_started_apart_serve_an_edge(pair, models, tmp_path):
+    front, back = f"ipc://{tmp_path}/front.sock", f"ipc://{tmp_path}/back.sock"
+    broker = daemons.start("broker", "--bind", front, "--backend", back, ready="edges on")
+    try:
+        worker = daemons.start("cloud", "--connect", back, "--model", pair[0])
+        try:
+            spec = _spec(models["cloud"], 6, plan="cloud-only")
+            latent, summary = EdgeClient(front, models["edge"], codecs=EXACT, timeout_s=WAIT_S).generate(spec)
+            assert summary.cloud_model_calls == 6 and torch.equal(latent, run_plan(spec, models)[0])
+        finally:
+            assert daemons.stop(worker) == 0
+    finally:
+        assert daemons.stop(broker) == 0
