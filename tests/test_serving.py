@@ -231,36 +231,33 @@ def test_a_worker_pool_loses_no_session_when_a_worker_is_killed_or_stopped(pair,
             expected = run_plan(spec, models)[0]
         finally:
             torch.set_num_threads(threads)
-        killed = []
 
-        def kill_the_worker(step, x):  # the worker running this session dies at its first preview
-            if not killed:
-                killed.append(client.worker)
-                os.kill(client.worker, signal.SIGKILL)
+        def session_with(sig):
+            """Run the session, sending ``sig`` to the worker running it at the first preview -> (that
+            worker's pid, the client, the result)."""
+            hit = []
 
-        # silence of 5 s means dead: well above a step of the tiny model, even on a busy two-core machine
-        client = EdgeClient(bind, models["edge"], codecs=EXACT, timeout_s=WAIT_S, heartbeat_timeout_s=5.0,
-                            on_preview=kill_the_worker)
-        latent, summary = client.generate(spec)
-        assert killed and client.attempts == 2 and client.worker != killed[0]  # retried on the other worker
+            def signal_the_worker(step, x):
+                if not hit:
+                    hit.append(client.worker)
+                    os.kill(client.worker, sig)
+
+            # silence of 5 s means dead: well above a step of the tiny model, even on a busy two-core machine
+            client = EdgeClient(bind, models["edge"], codecs=EXACT, timeout_s=WAIT_S, heartbeat_timeout_s=5.0,
+                                on_preview=signal_the_worker)
+            result = client.generate(spec)
+            return hit[0] if hit else None, client, result
+
+        killed, client, (latent, summary) = session_with(signal.SIGKILL)  # dies at once
+        assert killed and client.attempts == 2 and client.worker != killed  # retried on the other worker
         assert not summary.degraded and torch.equal(latent, expected)  # the same result as if nothing happened
         _until(lambda: "worker restarted" in daemons.log_text(pool), "the pool to restart the killed worker")
-
-        stopped = []
-
-        def stop_the_worker(step, x):  # SIGTERM: the worker finishes this session, then exits
-            if not stopped:
-                stopped.append(client.worker)
-                os.kill(client.worker, signal.SIGTERM)
-
-        client = EdgeClient(bind, models["edge"], codecs=EXACT, timeout_s=WAIT_S, heartbeat_timeout_s=5.0,
-                            on_preview=stop_the_worker)
-        latent, summary = client.generate(spec)
-        assert client.attempts == 1 and client.worker == stopped[0] and torch.equal(latent, expected)
+        stopped, client, (latent, summary) = session_with(signal.SIGTERM)  # finishes this session, then exits
+        assert client.attempts == 1 and client.worker == stopped and torch.equal(latent, expected)
         # both replaced: health requests, round robin, reach two new workers (while the second one starts, a
         # request can find no worker at all and go unanswered: that is what the edge's retries are for)
         pids, deadline = set(), time.monotonic() + daemons.READY_TIMEOUT_S
-        while len(pids - {killed[0], stopped[0]}) < 2:
+        while len(pids - {killed, stopped}) < 2:
             assert time.monotonic() < deadline, f"the pool did not replace both workers: {pids}"
             try:
                 pids.add(EdgeClient(bind, None, timeout_s=WAIT_S, heartbeat_timeout_s=2.0).health()["pid"])
