@@ -179,6 +179,7 @@ def _edge(args):
             print(f"  step {step + 1:>3}/{plan.num_steps} {where}", file=sys.stderr, flush=True)
 
     client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout, link=link, fallback=args.fallback,
+                        heartbeat_timeout_s=args.heartbeat_timeout, retries=args.retries,
                         curve_secret=args.curve_secret, server_key=args.server_key,
                         error_budget=args.error_budget if codecs is None else None,
                         on_preview=lambda step, x: progress(step, f"{labels.get(step)} (preview from the cloud)"),
@@ -195,7 +196,8 @@ def _edge(args):
     if args.json:
         print(json.dumps(summary_dict(summary, bytes_up=client.bytes_up, bytes_down=client.bytes_down,
                                       wall_s=round(wall, 3), output=args.out,
-                                      latent_codec=list(client.codecs.latent), link=args.link)))
+                                      latent_codec=list(client.codecs.latent), link=args.link,
+                                      session_id=client.session_id, requests_sent=client.attempts)))
     else:
         print(f"wrote {args.out} in {wall:.2f} s: cloud calls {summary.cloud_model_calls}, edge calls "
               f"{summary.edge_model_calls}, forecast steps {summary.forecast_steps}, "
@@ -301,6 +303,9 @@ def build_parser():
     e.add_argument("--error-budget", type=float, default=0.01,
                    help="with --latent-codec auto: the latent's allowed RMSE, as a share of its std")
     e.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
+    e.add_argument("--heartbeat-timeout", type=float, default=10.0,
+                   help="seconds of silence after which the cloud is presumed dead (more than one of its steps)")
+    e.add_argument("--retries", type=int, default=2, help="times a lost request is sent again (to another worker)")
     e.add_argument("--fallback", action="store_true",
                    help="if the cloud does not answer in time, finish its steps here and mark the result degraded")
     e.add_argument("--out", default="out.png")
