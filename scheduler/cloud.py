@@ -162,7 +162,11 @@ class CloudServer:
         self.metrics.bytes.labels("out").inc(wire_bytes(frames))
         if msg.kind == "error":
             self.metrics.errors.labels(msg.meta["code"]).inc()
-        self._sock.send_multipart([peer, request] + frames, copy=False)
+        try:  # never block: a worker whose broker is gone would wait forever on a full queue
+            self._sock.send_multipart([peer, request] + frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("reply dropped: the way to the edge is full or gone",
+                        extra=fields(peer=peer.hex(), request=request.hex(), kind=msg.kind))
 
     def _receive(self, frames):
         if len(frames) < 3:  # not [edge id, request id, header...]: nothing to answer to
