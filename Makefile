@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest tests bench/test_step_device.py --benchmark-disable
 
 demo: $(STAMP)
-	$(VENV)/bin/latentwire codecs
+	$(VENV)/bin/latentwire demo
 
 # Benchmarks are not part of `make test`; bench/README.md says which command made each table.
 bench: $(STAMP)

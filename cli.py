@@ -4,7 +4,7 @@ import sys
 
 
 def _codecs(args):
-    from latentwire.demo import codec_table
+    from latentwire.codec_table import codec_table
 
     print(codec_table(tuple(args.shape), seed=args.seed, levels=args.level))
     return 0
@@ -137,8 +137,18 @@ def _health(args):
 
 
 def _load(path, who):
+    """A model for the daemons: a diffusers SD folder; no path: the embedded world model of that side;
+    "ideal" (the cloud): the world's exact denoiser."""
+    from latentwire.pipelines import embedded
     from latentwire.pipelines.sd import StableDiffusionModel
 
+    if path == "ideal":
+        if who != "cloud":
+            raise SystemExit("latentwire edge: the exact denoiser ('ideal') is a cloud model; give the edge a folder")
+        from latentwire.pipelines.ideal import IdealDenoiser
+
+        return IdealDenoiser.from_pretrained(embedded.CLOUD_PATH)
+    path = path or str(embedded.CLOUD_PATH if who == "cloud" else embedded.EDGE_PATH)
     try:
         return StableDiffusionModel.from_pretrained(path)
     except Exception as e:  # diffusers and transformers raise OSError, ValueError, EnvironmentError...
@@ -146,20 +156,55 @@ def _load(path, who):
                          f"({type(e).__name__}: {e}); give the folder StableDiffusionPipeline.save_pretrained wrote") from None
 
 
+def _plan(args):
+    """The plan the flags describe (--plan NAME, --steps and the plan's own parameters)."""
+    from latentwire.scheduler import make
+
+    params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
+                                ("strength", args.strength)) if v is not None}
+    return make(args.plan, args.steps, **params)
+
+
+def _eval(args):
+    import json
+
+    import torch
+
+    from latentwire.pipelines.evaluate import evaluate_plan, load_models
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    plan = _plan(args)
+    models = load_models(args.cloud)
+    progress = None if args.json else (lambda k, n: print(f"\r  {k}/{n}", end="", file=sys.stderr, flush=True))
+    result = evaluate_plan(plan, models, n=args.n, seed=args.seed, guidance=args.guidance, progress=progress)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(file=sys.stderr)
+        for key, value in result.items():
+            print(f"{key:>20}  {value}")
+    return 0
+
+
+def _demo(args):
+    from latentwire.demo import run
+
+    run(args.out, cloud=args.cloud, prompts=args.prompts, steps=args.steps)
+    return 0
+
+
 def _edge(args):
     import json
     import time
 
-    from latentwire.scheduler import SessionSpec, make
+    from latentwire.scheduler import SessionSpec
     from latentwire.scheduler.edge import CloudError, CloudUnavailable, EdgeClient, summary_dict
     from latentwire.scheduler.wire import Codecs
 
     if (args.curve_secret is None) != (args.server_key is None):
         raise SystemExit("latentwire edge: CURVE needs both --curve-secret CLIENT.key_secret and --server-key SERVER.key")
     model = _load(args.model, "edge")
-    params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
-                                ("strength", args.strength)) if v is not None}
-    plan = make(args.plan, args.steps, **params)
+    plan = _plan(args)
     scheduler = model.make_scheduler()
     spec = SessionSpec(prompt=args.prompt, negative_prompt=args.negative_prompt, plan=plan,
                        scheduler=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
@@ -205,6 +250,16 @@ def _edge(args):
     return 0
 
 
+def _plan_arguments(parser, steps):
+    parser.add_argument("--plan", default="hybrid-sd", help="cloud-only, edge-only, hybrid-sd, ec-diff, preview-refine")
+    parser.add_argument("--k", type=int, help="hybrid-sd: cloud steps; ec-diff: skipped steps between real calls")
+    parser.add_argument("--p", type=int, help="ec-diff: real steps at the start")
+    parser.add_argument("--a", type=float, help="ec-diff: slope scale")
+    parser.add_argument("--s", type=int, help="ec-diff: switch step")
+    parser.add_argument("--strength", type=float, help="preview-refine: share of the schedule the cloud redoes")
+    parser.add_argument("--steps", type=int, default=steps)
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         prog="latentwire",
@@ -229,7 +284,8 @@ def build_parser():
     c.add_argument("--bind", default="tcp://127.0.0.1:5555", help="tcp://127.0.0.1:PORT or ipc://PATH")
     c.add_argument("--connect", help="serve as a worker of the broker whose backend is here (instead of --bind)")
     c.add_argument("--workers", type=int, default=0, help="run a broker on --bind and N worker processes")
-    c.add_argument("--model", required=True, help="a folder StableDiffusionPipeline.from_pretrained loads")
+    c.add_argument("--model", help="a folder StableDiffusionPipeline.from_pretrained loads (default: the embedded "
+                                   "world-sd-cloud), or 'ideal': the world's exact denoiser")
     c.add_argument("--preview-every", type=int, default=0, help="stream a preview latent every N steps (0: off)")
     c.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default; with --workers N, cores / N each); results "
@@ -284,17 +340,11 @@ def build_parser():
     e = sub.add_parser("edge", help="generate one image, running the plan's edge steps here",
                        description="Run a split plan against a cloud: the edge's steps here, the cloud's there.")
     e.add_argument("--connect", default="tcp://127.0.0.1:5555")
-    e.add_argument("--model", required=True, help="the edge's diffusers pipeline folder")
+    e.add_argument("--model", help="the edge's diffusers pipeline folder (default: the embedded world-sd-edge)")
     e.add_argument("--prompt", required=True)
     e.add_argument("--negative-prompt", default="")
-    e.add_argument("--plan", default="hybrid-sd", help="cloud-only, edge-only, hybrid-sd, ec-diff, preview-refine")
-    e.add_argument("--k", type=int, help="hybrid-sd: cloud steps; ec-diff: skipped steps between real calls")
-    e.add_argument("--p", type=int, help="ec-diff: real steps at the start")
-    e.add_argument("--a", type=float, help="ec-diff: slope scale")
-    e.add_argument("--s", type=int, help="ec-diff: switch step")
-    e.add_argument("--strength", type=float, help="preview-refine: share of the schedule the cloud redoes")
+    _plan_arguments(e, steps=25)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=7.5)
     e.add_argument("--latent-codec", default="int8", help="fp32, fp16, bf16, int8, int4, or auto (with --link)")
     e.add_argument("--latent-level", type=int, default=3)
@@ -313,6 +363,30 @@ def build_parser():
     e.add_argument("--curve-secret", help="this edge's NAME.key_secret (with --server-key)")
     e.add_argument("--server-key", help="the cloud's NAME.key (public)")
     e.set_defaults(func=_edge)
+
+    from latentwire.pipelines.train_models import EVAL_GUIDANCE, EVAL_SEED
+
+    v = sub.add_parser("eval", help="a plan's quality on the procedural world, measured exactly",
+                       description="Generate N world prompts with the embedded models under a plan (one process, "
+                                   "the reference a split run equals) and score them with the attribute judge.")
+    _plan_arguments(v, steps=20)
+    v.add_argument("--n", type=int, default=256, help="prompts")
+    v.add_argument("--seed", type=int, default=EVAL_SEED, help="prompts and noise seeds")
+    v.add_argument("--guidance", type=float, default=EVAL_GUIDANCE)
+    v.add_argument("--cloud", choices=["trained", "ideal"], default="trained",
+                   help="the cloud's model: world-sd-cloud, or the world's exact denoiser")
+    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    v.add_argument("--json", action="store_true", help="print one JSON object")
+    v.set_defaults(func=_eval)
+
+    d = sub.add_parser("demo", help="the edge-cloud trade-off, across real processes, in a grid and a report",
+                       description="Start a cloud daemon with the embedded cloud model, run a few prompts under "
+                                   "every plan from an edge, and write DIR/grid.png and DIR/report.md.")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--cloud", choices=["trained", "ideal"], default="trained")
+    d.add_argument("--prompts", type=int, default=6)
+    d.add_argument("--steps", type=int, default=20)
+    d.set_defaults(func=_demo)
     return p
 
 

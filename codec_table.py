@@ -1,4 +1,4 @@
-"""`make demo` until the split-denoising demo exists: what every codec puts on the wire."""
+"""`latentwire codecs`: what every codec puts on the wire for latent-shaped tensors."""
 import torch
 
 from latentwire.protocol import decode, encode, wire_bytes
