@@ -44,6 +44,7 @@ CACHE_ENTRIES = 64  # prompts' text embeddings, and schedules' samplers, the clo
 POLL_MS = 100  # how often the loop looks at its stop flag while idle
 HEARTBEAT_S = 1.0  # edges presume the cloud dead after several missed beats (EdgeClient.heartbeat_timeout_s)
 MAX_READS = 1000  # messages taken per look at the socket, so a flood cannot starve the steps in flight
+FRAME_HEADROOM = 1 << 20
 LINGER_MS = 0  # unsent replies are dropped at close: an edge waiting on them times out by itself
 log = logging.getLogger("latentwire.cloud")
 
@@ -115,6 +116,9 @@ class CloudServer:
             self._sock.bind(bind)
             self.endpoint = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._sock.linger = LINGER_MS
+        # ZeroMQ's own backstop: a frame this far over the limit is never buffered whole (its connection is
+        # dropped); a message over the limit but under this gets an error reply that names the limit
+        self._sock.maxmsgsize = limits.max_message_bytes + FRAME_HEADROOM
         self._stop = threading.Event()
         self._conditioning, self._samplers = {}, {}
         self._started = self._last_beat = time.monotonic()
