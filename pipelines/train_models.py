@@ -2,7 +2,13 @@
 
     python -m latentwire.pipelines.train_models vae   --checkpoint-dir CK/vae   --minutes 6  [--resume]
     python -m latentwire.pipelines.train_models unets --checkpoint-dir CK/unets --vae CK/vae --minutes 45 [--resume]
-    python -m latentwire.pipelines.train_models export --vae CK/vae --unets CK/unets --out pipelines/assets
+    python -m latentwire.pipelines.train_models export --vae CK/vae --unets CK/unets --out pipelines/assets \
+        [--edge-unets CK/edge]          # the edge UNet from another unets run (e.g. --kinds edge --steps N)
+
+and two that measure the committed folders (assets/MODEL_CARD.md has their results):
+
+    python -m latentwire.pipelines.train_models cost                      # ms per guided UNet step
+    python -m latentwire.pipelines.train_models evaluate --prompts 256   # judge scores, FD: cloud, edge, ideal
 
 A stage trains until ``--steps`` or ``--minutes`` of training (evaluation not counted) run out, whichever
 is first, writing ``CK/<stage>/checkpoint.pt`` every ``--checkpoint-minutes`` and at the end. ``--resume``
@@ -386,6 +392,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=256, help="evaluate: how many prompts")
     p.add_argument("--sample-steps", type=int, default=EVAL_STEPS, help="evaluate: DDIM steps")
     p.add_argument("--guidance", type=float, default=EVAL_GUIDANCE, help="evaluate: classifier-free guidance")
+    p.add_argument("--no-ideal", action="store_true", help="evaluate: skip the ideal denoiser (the slowest)")
     args = p.parse_args(argv)
 
     def log(msg):
@@ -395,7 +402,7 @@ def main(argv=None):
         log(json.dumps({k: f"{1000 * v:.1f} ms" for k, v in unet_cost().items()}))
         return
     if args.stage == "evaluate":
-        log(json.dumps(evaluate_folders(args.prompts, args.sample_steps, args.guidance), indent=1))
+        log(json.dumps(evaluate_folders(args.prompts, args.sample_steps, args.guidance, ideal=not args.no_ideal), indent=1))
         return
     if args.stage == "export":
         if not (args.vae and args.unets):
