@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     packages=["latentwire"] + [f"latentwire.{name}" for name in SUBPACKAGES],
     package_dir={"latentwire": "."},
-    package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*"]},
+    package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*", "assets/**/*"]},
     install_requires=[
         "torch>=2.1",
         "triton",

@@ -75,6 +75,13 @@ def test_a_real_install_holds_only_latentwire(target_install):
             "latentwire/protocol/vectors.json", "latentwire/cli.py"} <= set(record)
     assert not any(r.startswith(("latentwire/tests/", "latentwire/bench/")) or r == "latentwire/setup.py"
                    for r in record)
+    # the embedded models and the judge travel with the package: the daemons and the demo load them
+    assets = "latentwire/pipelines/assets/"
+    shipped = {str(p.relative_to(REPO / "pipelines" / "assets")) for p in (REPO / "pipelines" / "assets").rglob("*")
+               if p.is_file()}
+    assert {assets + f for f in shipped} <= set(record), {assets + f for f in shipped} - set(record)
+    assert {"judge.pt", "world-sd-cloud/unet/diffusion_pytorch_model.safetensors",
+            "world-sd-edge/unet/diffusion_pytorch_model.safetensors"} <= shipped
 
 
 def _cli():
