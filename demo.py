@@ -29,17 +29,16 @@ SCENE_STRIDE = 7
 
 def start_cloud(bind, cloud):
     """`latentwire cloud` in its own process, ready when it says so -> Popen."""
-    import select
+    from latentwire.scheduler.process import wait_ready
 
     cmd = [sys.executable, "-m", "latentwire.cli", "cloud", "--bind", bind, "--threads", "1"]
     if cloud == "ideal":
         cmd += ["--model", "ideal"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline and proc.poll() is None:
-        if select.select([proc.stdout], [], [], 1.0)[0] and "serving" in proc.stdout.readline():
-            return proc
+    if wait_ready(proc, "serving", READY_TIMEOUT_S):
+        return proc
     proc.kill()
+    proc.wait()
     raise RuntimeError(f"the demo's cloud did not start within {READY_TIMEOUT_S} s: run `{' '.join(cmd)}` to see why")
 
 
@@ -115,7 +114,7 @@ def run(out="demo-out", cloud="trained", prompts=PROMPTS, steps=STEPS, log=print
 def report(rows, scenes, steps, cloud, total_s):
     from latentwire.pipelines import world
 
-    lines = [f"# latentwire demo\n",
+    lines = ["# latentwire demo\n",
              f"Cloud model: {'the exact denoiser' if cloud == 'ideal' else 'world-sd-cloud'}; edge model: "
              f"world-sd-edge; {steps} DDIM steps; {len(scenes)} prompts; the cloud a separate process on "
              f"loopback; {total_s:.0f} s in all.\n",

@@ -10,7 +10,6 @@ timings show the overheads of the split, not the compute ratio of real models.
 """
 import argparse
 import platform
-import select
 import signal
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make
 from latentwire.scheduler.edge import EdgeClient
+from latentwire.scheduler.process import wait_ready
 
 PLANS = [("cloud-only", {}), ("edge-only", {}), ("hybrid-sd", {}), ("ec-diff", {"p": 3, "k": 1}),
          ("preview-refine", {"strength": 0.5})]
@@ -35,10 +35,8 @@ def start_cloud(model, bind):
     cli = str(Path(sys.executable).with_name("latentwire"))
     proc = subprocess.Popen([cli, "cloud", "--bind", bind, "--model", model, "--threads", str(torch.get_num_threads())],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and select.select([proc.stdout], [], [], 1)[0] or proc.poll() is None:
-        if "serving" in proc.stdout.readline():
-            return proc
+    if wait_ready(proc, "serving", 120):
+        return proc
     proc.kill()
     raise RuntimeError("the cloud did not start")
 

@@ -14,7 +14,6 @@ what batching amortizes; a large model on a GPU gains by filling the device inst
 """
 import argparse
 import platform
-import statistics
 import sys
 import tempfile
 import threading

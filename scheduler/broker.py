@@ -14,7 +14,6 @@ restarts a worker that dies. On several machines run ``latentwire broker`` on on
 cloud --connect BACKEND`` on each of the others.
 """
 import logging
-import select
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 import zmq
 
 from .logs import fields
+from .process import wait_ready
 from .security import KeyError_, is_loopback, serve_curve
 
 READY_TIMEOUT_S = 120  # a worker imports torch and diffusers and loads its model before it serves
@@ -116,19 +116,6 @@ class Pool:
         self.procs[slot] = proc
         return proc
 
-    def _ready(self, proc):
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            line = proc.stdout.readline()
-            if not line:  # it exited
-                break
-            if "serving" in line:
-                return True
-        return False
-
     def stop(self):
         self._stop.set()
 
@@ -141,7 +128,7 @@ class Pool:
         self.broker.start()
         try:
             for slot in range(len(self.procs)):
-                if not self._ready(self._spawn(slot)):
+                if not wait_ready(self._spawn(slot), "serving", READY_TIMEOUT_S):
                     raise RuntimeError(f"worker {slot} did not start within {READY_TIMEOUT_S} s (its log is above)")
             if on_ready is not None:
                 on_ready()

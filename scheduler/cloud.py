@@ -24,6 +24,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import zmq
@@ -44,6 +45,7 @@ CACHE_ENTRIES = 64  # prompts' text embeddings, and schedules' samplers, the clo
 POLL_MS = 100  # how often the loop looks at its stop flag while idle
 HEARTBEAT_S = 1.0  # edges presume the cloud dead after several missed beats (EdgeClient.heartbeat_timeout_s)
 MAX_READS = 1000  # messages taken per look at the socket, so a flood cannot starve the steps in flight
+BATCH_HISTORY = 1000  # a daemon runs for weeks: keep the latest only
 FRAME_HEADROOM = 1 << 20
 LINGER_MS = 0  # unsent replies are dropped at close: an edge waiting on them times out by itself
 log = logging.getLogger("latentwire.cloud")
@@ -94,7 +96,7 @@ class CloudServer:
         self.metrics = metrics or Metrics()
         self._decode_limits = limits.protocol()
         self._jobs, self._by_id = [], {}
-        self.batch_sizes = []  # rows of each batched step, for tests and monitoring
+        self.batch_sizes = deque(maxlen=BATCH_HISTORY)  # rows of the latest batched steps (all: the metrics)
         self._ctx = context or zmq.Context.instance()
         self._auth = None
         if connect is not None:
@@ -278,7 +280,7 @@ class CloudServer:
                 raise PlanError(f"the {name} has shape {tuple(tensor.shape)}; this model's latents are {expected}")
         # One sampler (its coefficient table) per schedule and one encoding per prompt, kept across
         # requests: both are pure functions of their keys. Samplers are only read, so jobs share them.
-        sampler = _cached(self._samplers, batch.batch_key(spec), lambda: _sampler(spec))
+        sampler = _cached(self._samplers, batch.batch_key(spec), lambda: FusedSampler(spec.make_scheduler()))
         state = None if spec.restart_solver or msg.x0_prev is None else SolverState(msg.x0_prev)
         conditioning = _cached(self._conditioning, (spec.prompt, spec.negative_prompt),
                                lambda: self.model.encode_prompt(spec.prompt, spec.negative_prompt))
@@ -401,16 +403,6 @@ class CloudServer:
                                        model_calls=job.calls, seconds=round(seconds, 4)))
         if reply is not None:
             job.reply(reply)
-
-
-def _sampler(spec):
-    try:
-        return FusedSampler(spec.make_scheduler())
-    except PlanError:
-        raise
-    except Exception as e:  # diffusers raises what it likes on a config it cannot use
-        raise PlanError(f"cannot build a {spec.scheduler} from the session's scheduler config "
-                        f"({type(e).__name__}: {e})") from None
 
 
 def _client(frames, peer):

@@ -28,8 +28,12 @@ class SessionSpec:
         cls = getattr(diffusers, self.scheduler, None)
         if cls is None or not hasattr(cls, "from_config"):
             raise PlanError(f"unknown scheduler {self.scheduler!r}: name a diffusers scheduler class")
-        s = cls.from_config(self.scheduler_config)
-        s.set_timesteps(self.plan.num_steps)
+        try:
+            s = cls.from_config(self.scheduler_config)
+            s.set_timesteps(self.plan.num_steps)
+        except Exception as e:  # diffusers raises what it likes on a config it cannot use
+            raise PlanError(f"cannot build a {self.scheduler} from the session's scheduler config "
+                            f"({type(e).__name__}: {e})") from None
         return s
 
     def to_msgpack(self):

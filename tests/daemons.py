@@ -1,15 +1,15 @@
 """Real `latentwire` daemons for tests: started on loopback or ipc://, ready when they say so, stopped by
 the test. Their logs go to a file, not a pipe: a pipe nobody reads fills up and blocks the daemon."""
-import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from latentwire.scheduler.process import wait_ready
 
 CLI = str(Path(sys.executable).with_name("latentwire"))
 READY_TIMEOUT_S = 120  # the daemon imports torch, diffusers and transformers (and a pool: N workers) first
@@ -31,16 +31,8 @@ def start(*args, ready="serving", same_threads=True):
     log = tempfile.NamedTemporaryFile(prefix="latentwire-daemon-", suffix=".log", delete=False)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     proc.log_path = log.name
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        readable, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not readable:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if ready in line:
-            return proc
+    if wait_ready(proc, ready, READY_TIMEOUT_S):
+        return proc
     proc.kill()
     proc.wait()
     raise RuntimeError(f"`latentwire {' '.join(args)}` did not start within {READY_TIMEOUT_S} s: "

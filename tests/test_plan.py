@@ -119,3 +119,12 @@ def test_restarting_the_solver_at_a_handoff_changes_the_result_a_little():
     restarted, _ = run_plan(spec(make("hybrid-sd", 12, k=5), restart_solver=True), models)
     diff = ((carried - restarted).abs().max() / carried.abs().max()).item()
     assert 0 < diff < 0.1
+
+
+def test_a_scheduler_the_session_cannot_build_is_a_plan_error():
+    plan = make("cloud-only", 4)
+    with pytest.raises(PlanError, match="unknown scheduler"):
+        SessionSpec(prompt="a", plan=plan, scheduler="NoSuchScheduler").make_scheduler()
+    bad = SessionSpec(prompt="a", plan=plan, scheduler="DDIMScheduler", scheduler_config={"beta_schedule": "sceled"})
+    with pytest.raises(PlanError, match="cannot build a DDIMScheduler.*NotImplementedError"):
+        bad.make_scheduler()
