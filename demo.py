@@ -23,6 +23,7 @@ PROMPTS = 6
 STEPS = 20
 SCALE = 4  # pixels per world pixel in the grid
 READY_TIMEOUT_S = 120
+STOP_TIMEOUT_S = 10  # after SIGTERM the cloud finishes what it holds (nothing: the demo is done), else it is killed
 LABEL_H = 14  # pixels of the grid's header row
 SCENE_STRIDE = 7
 
@@ -40,6 +41,17 @@ def start_cloud(bind, cloud):
     proc.kill()
     proc.wait()
     raise RuntimeError(f"the demo's cloud did not start within {READY_TIMEOUT_S} s: run `{' '.join(cmd)}` to see why")
+
+
+def stop_cloud(proc):
+    """SIGTERM, up to STOP_TIMEOUT_S for the cloud to exit, then SIGKILL; returns once it is gone (reaped)."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
 
 
 def grid(rows, plan_names):
@@ -102,8 +114,7 @@ def run(out="demo-out", cloud="trained", prompts=PROMPTS, steps=STEPS, log=print
                     f"{client.bytes_up + client.bytes_down:>7} B on the wire  attribute accuracy "
                     f"{scores['attribute_accuracy']:.3f}")
         finally:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop_cloud(proc)
     names = [name for name, _ in PLANS]
     grid([[images[n][k] for n in names] for k in range(prompts)], names).save(out / "grid.png")
     (out / "report.md").write_text(report(rows, scenes, steps, cloud, time.perf_counter() - started))

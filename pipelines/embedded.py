@@ -6,8 +6,9 @@ Stable Diffusion's structure and diffusers' folder format, at a size trained on 
     build_vae(seed)                       -> AutoencoderKL, image (3, 32, 32) -> latent (4, 8, 8)
     build_unet(kind, seed)                -> UNet2DConditionModel, kind "cloud" or "edge"
     build_scheduler()                     -> DDIMScheduler, SD 1.x's betas, prediction_type v_prediction
-    scene_pool(per_scene, seed)           -> (images, scene ids): the finite training set, every scene
-                                             rendered per_scene times
+    scene_pool(per_scene, seed)           -> (images, scene ids): a finite training set, every scene
+                                             rendered per_scene times; the UNets' (and the exact
+                                             denoiser's default) is scene_pool(POOL_PER_SCENE, POOL_SEED)
     save_folder(path, ...)                -> a StableDiffusionPipeline folder
     CLOUD_PATH, EDGE_PATH                 -> the committed folders (assets/world-sd-cloud, -edge)
 
@@ -57,6 +58,10 @@ LATENT_SIZE = world.IMAGE_SIZE // 2 ** (len(VAE_CHANNELS) - 1)
 NORM_GROUPS = 8
 ATTENTION_HEAD_DIM = 8
 TEXT_SEED = 0             # the fixed random text encoder's weights
+# The UNets' training set, scene_pool(POOL_PER_SCENE, POOL_SEED): train_models.py trains on it and the exact
+# denoiser (ideal.py) is exact for it by default, so both take it from here.
+POOL_PER_SCENE = 128      # 48 x 128 = 6144 images
+POOL_SEED = 3_000_000     # the render seed of its jitter
 
 
 @dataclass(frozen=True)

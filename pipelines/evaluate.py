@@ -18,8 +18,9 @@ import torch
 from latentwire.scheduler import SessionSpec, run_plan
 
 from . import judge, world
-from .train_models import EVAL_GUIDANCE, EVAL_SEED
 
+EVAL_SEED = 7        # prompts: world.sample_scenes(n, EVAL_SEED); noise seeds EVAL_SEED * 1_000_003 + k
+EVAL_GUIDANCE = 3.0  # classifier-free guidance scale of every evaluated generation
 CLOUD_MODELS = ("trained", "ideal")  # what runs the cloud's steps: the world-sd-cloud UNet, or the exact denoiser
 
 

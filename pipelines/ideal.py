@@ -38,7 +38,6 @@ from .gmm import GaussianMixture
 
 FLOOR_STD = 1e-3            # s: the width given each training latent (latents have unit standard deviation)
 SUPPORTED_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler")
-POOL_PER_SCENE = 128        # the default training set: embedded.scene_pool(128, POOL_SEED), as the UNets'
 MAX_CHUNK_ELEMENTS = 1 << 22  # rows x latents x D float64 per chunk: 32 MB of temporaries
 
 
@@ -79,14 +78,13 @@ class IdealDenoiser:
         self.mixtures = [mixture(y[scene_ids == k]) for k in range(n_scenes)] + [mixture(y)]
 
     @classmethod
-    def from_pretrained(cls, path, per_scene=POOL_PER_SCENE, seed=None, floor_std=FLOOR_STD):
+    def from_pretrained(cls, path, per_scene=embedded.POOL_PER_SCENE, seed=embedded.POOL_SEED, floor_std=FLOOR_STD):
         """The ideal denoiser of embedded.scene_pool(per_scene, seed) (default: the UNets' training set),
         encoded by the VAE of the world folder ``path``."""
         from .sd import StableDiffusionModel
-        from .train_models import POOL_SEED
 
         base = StableDiffusionModel.from_pretrained(path)
-        images, ids = embedded.scene_pool(per_scene, POOL_SEED if seed is None else seed)
+        images, ids = embedded.scene_pool(per_scene, seed)
         return cls(embedded.encode_images(base.vae, images), ids, base, floor_std)
 
     def make_scheduler(self, name=None):

@@ -23,11 +23,16 @@ with perceptual and GAN losses we do not need at 32x32: the judge reads colour, 
 
 UNets: cloud and edge trained side by side on the same batches (each its own Adam and EMA), v-prediction
 (v = sqrt(abar) eps - sqrt(1 - abar) x0, Salimans & Ho 2022) with plain MSE, timesteps uniform over the
-1000 training steps, on the latents of embedded.scene_pool(PER_SCENE, POOL_SEED); the caption is replaced
-by "" with probability CAPTION_DROPOUT so classifier-free guidance has an unconditional model. The latents
+1000 training steps, on the latents of embedded.scene_pool(per_scene, POOL_SEED) (per_scene defaults to
+embedded.POOL_PER_SCENE: the set the exact denoiser of pipelines/ideal.py is exact for); the caption is
+replaced by "" with probability CAPTION_DROPOUT so classifier-free guidance has an unconditional model. The latents
 are scaled by 1 / their standard deviation over the pool (written to the VAE's scaling_factor).
 Every ``--eval-minutes`` the EMA UNets generate EVAL_PROMPTS images each (DDIM EVAL_STEPS steps, guidance
-EVAL_GUIDANCE) and the judge scores them: the learning curve in CK/unets/curve.json.
+EVAL_GUIDANCE) and the judge scores them: the learning curve in CK/unets/curve.json. EVAL_SEED and
+EVAL_GUIDANCE are the runtime's (pipelines/evaluate.py, `latentwire eval`), so the curve scores the prompts
+`latentwire eval` does.
+
+This is a training script: runtime modules never import it (tests/test_imports.py checks that).
 """
 import argparse
 import json
@@ -40,17 +45,16 @@ import torch
 import torch.nn.functional as F
 
 from . import embedded, world
+from .embedded import POOL_SEED
+from .evaluate import EVAL_GUIDANCE, EVAL_SEED
 
 CHECKPOINT = "checkpoint.pt"
 CURVE = "curve.json"
 VAE_DATA_SEED = 2_000_000   # VAE step k trains on world.dataset(batch, VAE_DATA_SEED + k): held out from
 #                             the judge's training seeds (>= 1_000_000 + 1500) and its test seed 1
 KL_WEIGHT = 1e-6
-POOL_SEED = 3_000_000       # the UNets' training set: scene_pool(per_scene, POOL_SEED)
-EVAL_SEED = 7               # evaluation prompts: world.sample_scenes(n, EVAL_SEED); noise seeds from it too
 EVAL_PROMPTS = 64
 EVAL_STEPS = 20
-EVAL_GUIDANCE = 3.0
 NO_CAPTION = len(world.all_scenes())  # index of "" among the precomputed text embeddings
 
 
@@ -69,7 +73,7 @@ class UNetConfig:
     warmup: int = 100
     ema: float = 0.995       # EMA decay, ramped as min(ema, (1 + k) / (10 + k))
     caption_dropout: float = 0.1
-    per_scene: int = 128     # training set: 48 x per_scene images
+    per_scene: int = embedded.POOL_PER_SCENE  # training set: 48 x per_scene images
     seed: int = 0
     specs: dict = field(default_factory=lambda: {k: asdict(v) for k, v in embedded.UNETS.items()})
 

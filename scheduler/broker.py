@@ -12,6 +12,10 @@ with retries exhausted an edge with fallback finishes on its own model. No sessi
 ``Pool`` runs the broker and N worker processes on one machine (``latentwire cloud --workers N``) and
 restarts a worker that dies. On several machines run ``latentwire broker`` on one and ``latentwire
 cloud --connect BACKEND`` on each of the others.
+
+A worker's stderr is the pool's; its stdout is a pipe that tells the pool when the worker is ready, and
+from then on a thread reads every line of it into the pool's log (a pipe that nobody reads fills up,
+64 KiB on Linux, and blocks the worker's next print).
 """
 import logging
 import signal
@@ -30,6 +34,7 @@ from .security import KeyError_, is_loopback, serve_curve
 READY_TIMEOUT_S = 120  # a worker imports torch and diffusers and loads its model before it serves
 STOP_TIMEOUT_S = 60  # SIGTERM lets a worker finish its requests in flight; then it is killed
 RESTART_DELAY_S = 1.0  # between a worker's death and its replacement: a crash loop must not spin
+DRAIN_JOIN_S = 5  # after a worker exits, how long the pool waits for its stdout reader to see the end
 log = logging.getLogger("latentwire.broker")
 
 
@@ -105,16 +110,35 @@ class Pool:
         self.endpoint = self.broker.frontend
         self.worker_args, self.metrics_port = list(worker_args), metrics_port
         self.procs = [None] * workers
+        self._drains = [None] * workers  # per slot, the thread that reads its worker's stdout once it is ready
         self.restarts = 0
         self._stop = threading.Event()
 
-    def _spawn(self, slot):
+    def _command(self, slot):
         cmd = [sys.executable, "-m", "latentwire.cli", "cloud", "--connect", self.broker.backend, *self.worker_args]
         if self.metrics_port:
             cmd += ["--metrics-port", str(self.metrics_port + slot)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)  # logs go to our stderr
-        self.procs[slot] = proc
+        return cmd
+
+    def _spawn(self, slot):
+        # stderr (its log) is ours; stdout a pipe: wait_ready, then _drain
+        proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE, text=True, errors="replace")
+        self.procs[slot], self._drains[slot] = proc, None
         return proc
+
+    def _drain(self, slot):
+        """Read worker ``slot``'s stdout to its end on a daemon thread, each line into the pool's log; the
+        thread closes the pipe when the worker has closed its end."""
+        proc = self.procs[slot]
+
+        def read():
+            with proc.stdout:
+                for line in proc.stdout:
+                    log.info("worker stdout", extra=fields(slot=slot, pid=proc.pid, line=line.rstrip("\n")))
+
+        thread = threading.Thread(target=read, name=f"latentwire-worker-{slot}-stdout", daemon=True)
+        thread.start()
+        self._drains[slot] = thread
 
     def stop(self):
         self._stop.set()
@@ -130,6 +154,7 @@ class Pool:
             for slot in range(len(self.procs)):
                 if not wait_ready(self._spawn(slot), "serving", READY_TIMEOUT_S):
                     raise RuntimeError(f"worker {slot} did not start within {READY_TIMEOUT_S} s (its log is above)")
+                self._drain(slot)
             if on_ready is not None:
                 on_ready()
             while not self._stop.wait(0.2):
@@ -140,6 +165,7 @@ class Pool:
                         if self._stop.is_set():
                             break
                         self._spawn(slot)
+                        self._drain(slot)  # the round robin takes it when it connects: no wait for its ready line
                         self.restarts += 1
                         log.info("worker restarted", extra=fields(slot=slot, pid=self.procs[slot].pid))
         finally:
@@ -150,7 +176,7 @@ class Pool:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in self.procs:
+        for proc, drain in zip(self.procs, self._drains):
             if proc is None:
                 continue
             try:
@@ -158,7 +184,10 @@ class Pool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            proc.stdout.close()
+            if drain is None:
+                proc.stdout.close()
+            else:  # it closes the pipe itself; a grandchild holding the pipe open must not hold up the stop
+                drain.join(timeout=DRAIN_JOIN_S)
         self.broker.stop()
         self._dir.cleanup()
 

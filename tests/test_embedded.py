@@ -1,5 +1,6 @@
 """The committed world models (pipelines/embedded.py, assets/world-sd-cloud and -edge), the exact denoiser of
 their training set (pipelines/ideal.py) and the training scripts' resume (pipelines/train_models.py)."""
+import inspect
 import io
 
 import pytest
@@ -31,8 +32,15 @@ def edge():
 @pytest.fixture(scope="module")
 def ideal(cloud):
     # 16 latents a scene (not the default 128) keeps the fixture's VAE encoding to ~1 s
-    images, ids = embedded.scene_pool(16, train_models.POOL_SEED)
+    images, ids = embedded.scene_pool(16, embedded.POOL_SEED)
     return IdealDenoiser(embedded.encode_images(cloud.vae, images), ids, cloud)
+
+
+def test_the_exact_denoiser_is_exact_for_the_unets_training_set_by_default():
+    defaults = inspect.signature(IdealDenoiser.from_pretrained).parameters
+    assert (defaults["per_scene"].default, defaults["seed"].default) == (embedded.POOL_PER_SCENE, embedded.POOL_SEED)
+    assert train_models.UNetConfig().per_scene == embedded.POOL_PER_SCENE
+    assert train_models.POOL_SEED == embedded.POOL_SEED
 
 
 def test_committed_weights_fit_the_budget():
