@@ -23,7 +23,38 @@ WORKER_FLAGS = [("model", "--model"), ("preview_every", "--preview-every"), ("th
                 ("max_batch", "--max-batch"), ("max_wait_ms", "--max-wait-ms"), ("heartbeat", "--heartbeat"),
                 ("max_message_bytes", "--max-message-bytes"), ("max_tensor_elements", "--max-tensor-elements"),
                 ("max_sessions", "--max-sessions"), ("max_sessions_per_client", "--max-sessions-per-client"),
-                ("max_steps_per_session", "--max-steps-per-session"), ("max_deadline", "--max-deadline")]
+                ("max_steps_per_session", "--max-steps-per-session"), ("max_deadline", "--max-deadline"),
+                ("device", "--device"), ("dtype", "--dtype")]
+# --max-... flag dest -> ServingLimits field
+LIMIT_FLAGS = {"max_message_bytes": "max_message_bytes", "max_tensor_elements": "max_tensor_elements",
+               "max_sessions": "max_sessions", "max_sessions_per_client": "max_sessions_per_client",
+               "max_steps_per_session": "max_steps_per_session", "max_deadline": "max_deadline_s"}
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _limits(args, serving_limits):
+    """ServingLimits from the --max-... flags given; the others keep their defaults."""
+    return serving_limits(**{name: getattr(args, dest) for dest, name in LIMIT_FLAGS.items()
+                             if getattr(args, dest) is not None})
+
+
+def _device_arguments(parser):
+    parser.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda, cuda:1, ... (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="the model's weights and latents (default float32)")
+
+
+def _check_device(who, device):
+    """A --device torch can use here, or a clear exit."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"latentwire {who}: --device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"latentwire {who}: --device {device} asked for, but torch sees no CUDA device here")
+    return d
 
 
 def _cloud(args):
@@ -47,12 +78,10 @@ def _cloud(args):
 
         torch.set_num_threads(args.threads)
     try:
-        limits = ServingLimits(max_message_bytes=args.max_message_bytes, max_tensor_elements=args.max_tensor_elements,
-                               max_sessions=args.max_sessions, max_sessions_per_client=args.max_sessions_per_client,
-                               max_steps_per_session=args.max_steps_per_session, max_deadline_s=args.max_deadline)
+        limits = _limits(args, ServingLimits)
     except ValueError as e:
         raise SystemExit(f"latentwire cloud: {e}") from None
-    model = _load(args.model, "cloud")
+    model = _load(args.model, "cloud", args.device, args.dtype)
     metrics = Metrics()
     try:
         server = CloudServer(model, None if args.connect else args.bind, connect=args.connect,
@@ -82,7 +111,8 @@ def _pool(args):
         args.threads = max(1, (os.cpu_count() or 1) // args.workers)
     worker_args = []
     for dest, flag in WORKER_FLAGS:
-        worker_args += [flag, str(getattr(args, dest))]
+        if getattr(args, dest) is not None:
+            worker_args += [flag, str(getattr(args, dest))]
     try:
         pool = Pool(args.bind, args.workers, worker_args, metrics_port=args.metrics_port,
                     curve_secret=args.curve_secret, allow=args.allow, insecure=args.insecure)
@@ -136,24 +166,45 @@ def _health(args):
     return 0
 
 
-def _load(path, who):
-    """A model for the daemons: a diffusers SD folder; no path: the embedded world model of that side;
-    "ideal" (the cloud): the world's exact denoiser."""
+def _load(path, who, device="cpu", dtype="float32"):
+    """A model for the daemons on ``device`` in ``dtype``: a diffusers SD folder; no path: the embedded world
+    model of that side; "ideal" (the cloud): the world's exact denoiser (CPU, float64 inside)."""
+    import torch
+
     from latentwire.pipelines import embedded
     from latentwire.pipelines.sd import StableDiffusionModel
 
+    device = _check_device(who, device)
     if path == "ideal":
         if who != "cloud":
             raise SystemExit("latentwire edge: the exact denoiser ('ideal') is a cloud model; give the edge a folder")
+        if device.type != "cpu" or dtype != "float32":
+            raise SystemExit("latentwire cloud: the exact denoiser ('ideal') runs on the CPU in float32 (float64 "
+                             "inside); drop --device and --dtype")
         from latentwire.pipelines.ideal import IdealDenoiser
 
         return IdealDenoiser.from_pretrained(embedded.CLOUD_PATH)
     path = path or str(embedded.CLOUD_PATH if who == "cloud" else embedded.EDGE_PATH)
     try:
-        return StableDiffusionModel.from_pretrained(path)
+        return StableDiffusionModel.from_pretrained(path, device=device, dtype=getattr(torch, dtype))
     except Exception as e:  # diffusers and transformers raise OSError, ValueError, EnvironmentError...
         raise SystemExit(f"latentwire {who}: cannot load a diffusers Stable-Diffusion folder from {path!r} "
                          f"({type(e).__name__}: {e}); give the folder StableDiffusionPipeline.save_pretrained wrote") from None
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _check_image_path(path):
+    """Before any work: the image must be writable where --out says, in a format PIL knows by its name."""
+    import os
+
+    if not path.lower().endswith(IMAGE_EXTENSIONS):
+        raise SystemExit(f"latentwire edge: --out {path!r} must end in one of {', '.join(IMAGE_EXTENSIONS)} (the "
+                         "image format is taken from it)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"latentwire edge: --out {path!r}: the folder {folder} does not exist")
 
 
 def _plan(args):
@@ -170,8 +221,10 @@ def _eval(args):
 
     import torch
 
-    from latentwire.pipelines.evaluate import evaluate_plan, load_models
+    from latentwire.pipelines.evaluate import EVAL_GUIDANCE, EVAL_SEED, evaluate_plan, load_models
 
+    args.seed = EVAL_SEED if args.seed is None else args.seed
+    args.guidance = EVAL_GUIDANCE if args.guidance is None else args.guidance
     torch.set_num_threads(args.threads or torch.get_num_threads())
     plan = _plan(args)
     models = load_models(args.cloud)
@@ -203,7 +256,8 @@ def _edge(args):
 
     if (args.curve_secret is None) != (args.server_key is None):
         raise SystemExit("latentwire edge: CURVE needs both --curve-secret CLIENT.key_secret and --server-key SERVER.key")
-    model = _load(args.model, "edge")
+    _check_image_path(args.out)
+    model = _load(args.model, "edge", args.device, args.dtype)
     plan = _plan(args)
     scheduler = model.make_scheduler()
     spec = SessionSpec(prompt=args.prompt, negative_prompt=args.negative_prompt, plan=plan,
@@ -223,7 +277,12 @@ def _edge(args):
         if not args.json:
             print(f"  step {step + 1:>3}/{plan.num_steps} {where}", file=sys.stderr, flush=True)
 
+    def slow(step, seconds):
+        print(f"latentwire edge: the cloud is alive but slow: at step {step} for {seconds:.1f} s", file=sys.stderr,
+              flush=True)
+
     client = EdgeClient(args.connect, model, codecs=codecs, timeout_s=args.timeout, link=link, fallback=args.fallback,
+                        on_slow=slow,
                         heartbeat_timeout_s=args.heartbeat_timeout, retries=args.retries,
                         curve_secret=args.curve_secret, server_key=args.server_key,
                         error_budget=args.error_budget if codecs is None else None,
@@ -297,15 +356,16 @@ def build_parser():
     c.add_argument("--heartbeat", type=float, default=1.0, help="seconds between heartbeats to waiting edges")
     c.add_argument("--metrics-port", type=int, default=0,
                    help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (workers: PORT + i)")
-    from latentwire.scheduler.limits import DEFAULT_SERVING_LIMITS as L
-
-    c.add_argument("--max-message-bytes", type=int, default=L.max_message_bytes)
-    c.add_argument("--max-tensor-elements", type=int, default=L.max_tensor_elements)
-    c.add_argument("--max-sessions", type=int, default=L.max_sessions, help="queued or running, per worker")
-    c.add_argument("--max-sessions-per-client", type=int, default=L.max_sessions_per_client)
-    c.add_argument("--max-steps-per-session", type=int, default=L.max_steps_per_session)
-    c.add_argument("--max-deadline", type=float, default=L.max_deadline_s,
-                   help="seconds: the longest deadline a request may ask for")
+    # defaults: ServingLimits' own (scheduler/limits.py), filled in when the daemon starts, so that
+    # building this parser imports no torch
+    c.add_argument("--max-message-bytes", type=int, help="default 64 MiB")
+    c.add_argument("--max-tensor-elements", type=int, help="default 2**24")
+    c.add_argument("--max-sessions", type=int, help="queued or running, per worker (default 256)")
+    c.add_argument("--max-sessions-per-client", type=int, help="default 16")
+    c.add_argument("--max-steps-per-session", type=int, help="default 1000")
+    c.add_argument("--max-deadline", type=float, help="seconds: the longest deadline a request may ask for "
+                                                      "(default 3600)")
+    _device_arguments(c)
     c.add_argument("--curve-secret", help="this server's NAME.key_secret: encrypt and authenticate with CURVE "
                                           "(a worker: its own, with --server-key)")
     c.add_argument("--allow", help="with --curve-secret: folder of the NAME.key files of admitted edges")
@@ -358,21 +418,20 @@ def build_parser():
     e.add_argument("--retries", type=int, default=2, help="times a lost request is sent again (to another worker)")
     e.add_argument("--fallback", action="store_true",
                    help="if the cloud does not answer in time, finish its steps here and mark the result degraded")
-    e.add_argument("--out", default="out.png")
+    e.add_argument("--out", default="out.png", help="the image: a path ending in .png, .jpg, .jpeg or .webp")
+    _device_arguments(e)
     e.add_argument("--json", action="store_true", help="print one JSON object with the run's summary")
     e.add_argument("--curve-secret", help="this edge's NAME.key_secret (with --server-key)")
     e.add_argument("--server-key", help="the cloud's NAME.key (public)")
     e.set_defaults(func=_edge)
-
-    from latentwire.pipelines.train_models import EVAL_GUIDANCE, EVAL_SEED
 
     v = sub.add_parser("eval", help="a plan's quality on the procedural world, measured exactly",
                        description="Generate N world prompts with the embedded models under a plan (one process, "
                                    "the reference a split run equals) and score them with the attribute judge.")
     _plan_arguments(v, steps=20)
     v.add_argument("--n", type=int, default=256, help="prompts")
-    v.add_argument("--seed", type=int, default=EVAL_SEED, help="prompts and noise seeds")
-    v.add_argument("--guidance", type=float, default=EVAL_GUIDANCE)
+    v.add_argument("--seed", type=int, help="prompts and noise seeds (default: pipelines/evaluate.py's EVAL_SEED)")
+    v.add_argument("--guidance", type=float, help="default: pipelines/evaluate.py's EVAL_GUIDANCE")
     v.add_argument("--cloud", choices=["trained", "ideal"], default="trained",
                    help="the cloud's model: world-sd-cloud, or the world's exact denoiser")
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -4,12 +4,12 @@ reference and a CPU path; dispatch picks by device.
     sampler = FusedSampler(scheduler, device=x.device)       # after scheduler.set_timesteps(N)
     x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=7.5, state=state)
 """
-from .extrapolate import ECDiff, History, Taylor, denoise, lagrange_weights, run_steps
+from .extrapolate import ECDiff, History, Stepper, Taylor, denoise, lagrange_weights, run_steps
 from .fused_step import StepOutput, fused_step, fused_step_ref
 from .sampler import FusedSampler, SolverState
 from .step_table import StepTable, UnsupportedScheduler
 from .tables import table_for
 
-__all__ = ["ECDiff", "FusedSampler", "History", "SolverState", "StepOutput", "StepTable", "Taylor",
+__all__ = ["ECDiff", "FusedSampler", "History", "SolverState", "StepOutput", "StepTable", "Stepper", "Taylor",
            "UnsupportedScheduler", "denoise", "fused_step", "fused_step_ref", "lagrange_weights", "run_steps",
            "table_for"]

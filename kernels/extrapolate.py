@@ -21,6 +21,7 @@ by 2-6x at small k for orders 2-3, because eps is smooth in sigma near the data 
 A forecast is a weighted sum of stored tensors, so it runs inside the fused step (``FusedSampler
 .step_combined``): no extra pass over memory to build eps_hat.
 """
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +67,11 @@ class ECDiff:
     a: float = 1.0
 
     def __post_init__(self):
+        for name in ("p", "k"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"ECDiff {name} must be an int, got {getattr(self, name)!r}")
+        if type(self.a) not in (int, float) or not math.isfinite(self.a):
+            raise ValueError(f"ECDiff a (slope scale) must be a finite number, got {self.a!r}")
         if self.p < 2:
             raise ValueError(f"ECDiff needs p >= 2 real steps to measure a first slope, got p={self.p}")
         if self.k < 0:
@@ -100,6 +106,9 @@ class Taylor:
     variable: str = "t"
 
     def __post_init__(self):
+        for name in ("order", "k"):
+            if type(getattr(self, name)) is not int:
+                raise ValueError(f"Taylor {name} must be an int, got {getattr(self, name)!r}")
         if not 1 <= self.order <= MAX_ORDER:
             raise ValueError(f"Taylor order must be in 1..{MAX_ORDER}, got {self.order}")
         if self.k < 0:
@@ -120,37 +129,80 @@ class Taylor:
         return History((history.outputs + [m])[-n:], (history.times + [float(t)])[-n:])
 
 
+class Stepper:
+    """Steps [start, stop) of a schedule, one at a time: the one step loop every runner drives (the
+    one-process executor, the cloud engine, which batches the model calls of many steppers, the edge and
+    its fallback). Forecasters count steps from ``start``.
+
+        s = Stepper(sampler, x, forecaster, start=a, stop=b)
+        while not s.done:
+            models, weights = guided(s.x, s.i, s.t) if s.real else (None, None)
+            i, t, x_t, m, real = s.step(models, weights)
+
+    At a real step the caller gives the model output as a weighted sum (classifier-free guidance: [eps_u,
+    eps_c], [1 - g, g]), so guidance stays inside the fused pass; at a forecast step it gives nothing.
+    noise(i) gives the noise of stochastic samplers."""
+
+    def __init__(self, sampler, x, forecaster=None, *, start=0, stop=None, state=None, noise=None):
+        self.sampler, self.forecaster, self.noise = sampler, forecaster, noise
+        self.start, self.stop = start, sampler.num_steps if stop is None else stop
+        self.i, self.x, self.state = start, x, state
+        self.history, self.calls = History(), 0
+        self._timesteps = sampler.timesteps.tolist()
+
+    @property
+    def done(self):
+        return self.i >= self.stop
+
+    @property
+    def t(self):
+        """The timestep of the next step."""
+        return self._timesteps[self.i]
+
+    @property
+    def real(self):
+        """Whether the next step calls the model (else the forecaster stands in)."""
+        return self.forecaster is None or self.forecaster.is_real(self.i - self.start)
+
+    def step(self, models=None, weights=None):
+        """Take the next step -> (i, t, x_t, m, real): its index, timestep, input latent, the model output
+        it used (only when a forecaster needs it, else None) and whether it was a real call."""
+        if self.done:
+            raise ValueError(f"the steps [{self.start}, {self.stop}) are all taken")
+        i, t, x_t, real, fc = self.i, self.t, self.x, self.real, self.forecaster
+        j = i - self.start
+        v = self.sampler.noise_levels[i] if fc is not None and fc.variable == "sigma" else t
+        if real:
+            if models is None:
+                raise ValueError(f"step {i} is a real step: give the model output")
+            self.calls += 1
+        else:
+            if models is not None:
+                raise ValueError(f"step {i} is a forecast step: it takes no model output")
+            models, weights = fc.forecast(self.history, v)
+        z = self.noise(i) if self.noise is not None else None
+        # m costs passes over memory (and changes the CPU path's rounding order); only a forecaster needs it
+        want_m = fc is not None
+        out = self.sampler.step_combined(x_t, i, models, weights, state=self.state, noise=z, want_m=want_m)
+        self.x, self.state, m = out if want_m else (*out, None)
+        if fc is not None:
+            self.history = fc.update(j, self.history, m, v)
+        self.i += 1
+        return i, t, x_t, m, real
+
+
 def run_steps(sampler, x, guided, forecaster=None, *, start=0, stop=None, state=None, noise=None,
               callback=None):
-    """Steps [start, stop) of the schedule from x (at step ``start``); forecasters count steps from
-    ``start``. guided(x, i, t) -> (models, weights) is the real model output as a weighted sum (classifier-
-    free guidance: [eps_u, eps_c], [1 - g, g]), so guidance stays inside the fused pass. noise(i) gives
-    the noise of stochastic samplers. callback(i, t, x_t, m, real) sees each step (m only when a
-    forecaster needs it, else None). Returns (x, state, model calls)."""
-    stop = sampler.num_steps if stop is None else stop
-    history, calls = History(), 0
-    timesteps = sampler.timesteps.tolist()
-    for i in range(start, stop):
-        t = timesteps[i]
-        z = noise(i) if noise is not None else None
-        j = i - start
-        v = sampler.noise_levels[i] if forecaster is not None and forecaster.variable == "sigma" else t
-        x_t = x
-        real = forecaster is None or forecaster.is_real(j)
-        if real:
-            models, weights = guided(x, i, t)
-            calls += 1
-        else:
-            models, weights = forecaster.forecast(history, v)
-        # m costs passes over memory (and changes the CPU path's rounding order); only a forecaster needs it
-        want_m = forecaster is not None
-        out = sampler.step_combined(x, i, models, weights, state=state, noise=z, want_m=want_m)
-        x, state, m = out if want_m else (*out, None)
-        if forecaster is not None:
-            history = forecaster.update(j, history, m, v)
+    """Steps [start, stop) of the schedule from x (at step ``start``), driving a Stepper. guided(x, i, t)
+    -> (models, weights) is the real model output as a weighted sum. callback(i, t, x_t, m, real) sees each
+    step (m only when a forecaster needs it, else None). Returns (x, state, model calls)."""
+    s = Stepper(sampler, x, forecaster, start=start, stop=stop, state=state, noise=noise)
+    while not s.done:
+        models, weights = guided(s.x, s.i, s.t) if s.real else (None, None)
+        info = s.step(models, weights)
         if callback is not None:
-            callback(i, t, x_t, m, real)
-    return x, state, calls
+            callback(*info)
+    return s.x, s.state, s.calls
 
 
 def denoise(sampler, x, model, forecaster=None, noise=None, callback=None):

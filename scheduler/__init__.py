@@ -1,7 +1,17 @@
-"""Split plans and the executor that carries one generation across an edge and a cloud process."""
-from .executor import Summary, check_models, run_plan, run_segment
-from .plan import BUILT_IN, Plan, PlanError, Segment, make
-from .session import SessionSpec
+"""Split plans and the runners that carry one generation across an edge and a cloud process.
 
-__all__ = ["BUILT_IN", "Plan", "PlanError", "Segment", "SessionSpec", "Summary", "check_models", "make",
-           "run_plan", "run_segment"]
+Names are imported on first use (PEP 562), so that `latentwire keys` and the other commands that need no
+model reach ``latentwire.scheduler.security`` without importing torch.
+"""
+import importlib
+
+_NAMES = {"Summary": "executor", "check_models": "executor", "run_plan": "executor", "stretches": "executor",
+          "BUILT_IN": "plan", "Plan": "plan", "PlanError": "plan", "Segment": "plan", "make": "plan",
+          "SegmentRun": "segments", "drive": "segments", "SessionSpec": "session"}
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name):
+    if name not in _NAMES:
+        raise AttributeError(f"module 'latentwire.scheduler' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)

@@ -11,15 +11,17 @@ from dataclasses import asdict
 import zmq
 
 from latentwire.kernels import FusedSampler, SolverState
-from latentwire.protocol import wire_bytes
+from latentwire.protocol import ProtocolError, wire_bytes
 
 from . import wire
-from .executor import Summary, initial_noise, run_segment
+from .executor import Summary, initial_noise, model_device, on_model, stretches
+from .fields import FieldError
 from .plan import Segment
 from .security import connect_curve
+from .segments import SegmentRun, drive
 
 DEFAULT_TIMEOUT_S = 120.0  # a whole cloud segment on a real model; tests pass their own
-DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0  # the cloud beats every second, but only between model steps
+DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0  # the cloud beats every second, during model steps too
 DEFAULT_RETRIES = 2
 RETRY_BACKOFF_S = 0.2  # times the attempt number: a busy worker gets a moment
 POLL_MS = 100  # how often a wait looks at the cancel flag
@@ -53,7 +55,7 @@ class EdgeClient:
     def __init__(self, connect, model, *, codecs=None, timeout_s=DEFAULT_TIMEOUT_S, on_preview=None, on_step=None,
                  link=None, error_budget=None, sleep=time.sleep, fallback=False, curve_secret=None, server_key=None,
                  heartbeat_timeout_s=DEFAULT_HEARTBEAT_TIMEOUT_S, retries=DEFAULT_RETRIES, deadline_s=None,
-                 context=None):
+                 on_slow=None, context=None):
         """codecs: a wire.Codecs; or None with ``link`` and ``error_budget`` given: the latent codec is
         chosen for that link (least encode + transfer + decode time within the budget), measured once
         on a latent of the model's size. link: an emulated scheduler.link.Link, delaying every message
@@ -61,7 +63,8 @@ class EdgeClient:
         timeout_s bounds each request's wait here; deadline_s (default timeout_s) is the time the cloud
         gives the request before it ends it with a `deadline` error; heartbeat_timeout_s: a
         cloud silent that long (no heartbeat, preview or reply) is presumed dead (None: wait for
-        timeout_s); it must exceed one model step's time on the cloud. retries: how many more times a
+        timeout_s); the cloud beats during its model steps too, so a slow step is not silence: a cloud
+        that beats without progress for that long is reported to on_slow(step, seconds). retries: how many more times a
         request goes out (through a broker, to another worker) after the cloud died, went silent, or
         said it is busy or stopping; then the fallback, if on, finishes here."""
         self.connect, self.model = connect, model
@@ -85,6 +88,8 @@ class EdgeClient:
         self._monitors = {}  # socket -> its handshake-event monitor
         self.on_preview = on_preview  # on_preview(step, latent) for each preview the cloud streams
         self.on_step = on_step  # on_step(step, real) after each step run here
+        self.on_slow = on_slow  # on_slow(step, seconds): the cloud beats but has been at this step that long
+        self.stalls = 0  # times the cloud was seen alive but stalled, over this client's life
         self._ctx = context or zmq.Context.instance()
         self.bytes_up = self.bytes_down = 0
         if (curve_secret is None) != (server_key is None):
@@ -92,50 +97,43 @@ class EdgeClient:
         self.curve = (curve_secret, server_key) if curve_secret else None
 
     def generate(self, spec):
-        """Run ``spec`` (a SessionSpec) -> (latent, Summary). The edge's own segments run here.
-        Raises Cancelled if cancel() is called meanwhile (from another thread)."""
+        """Run ``spec`` (a SessionSpec) -> (latent, Summary). The edge's own segments run here, on the
+        model's device. Raises Cancelled if cancel() is called meanwhile (from another thread)."""
         plan = spec.plan
         self._cancel.clear()
         self.session_id = uuid.uuid4().hex
         scheduler = spec.make_scheduler()
-        sampler = FusedSampler(scheduler)
+        sampler = FusedSampler(scheduler, device=model_device(self.model))
         summary = Summary(plan=plan.name, steps=plan.num_steps, labels=plan.labels())
         x, state, conditioning = None, None, None
-        j = 0
         self._sock = self._socket()
         try:
-            while j < len(plan.segments):
-                seg = plan.segments[j]
-                if j and seg.side != plan.segments[j - 1].side:
+            for a, b in stretches(plan):
+                if a:
                     summary.handoffs += 1
                     if spec.restart_solver:
                         state = None
-                if seg.side == "cloud":
-                    k = j
-                    while k < len(plan.segments) and plan.segments[k].side == "cloud":
-                        k += 1
+                if plan.segments[a].side == "cloud":
                     try:
-                        x, state, calls, forecasts = self._remote(spec, j, k, x, state)
+                        x, state, calls, forecasts = self._remote(spec, a, b, x, state)
                     except CloudUnavailable:
                         if not self.fallback:
                             raise
                         if conditioning is None:
                             conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
-                        x, state = self._finish_here(spec, sampler, conditioning, j, k, x, summary)
-                        j = k
+                        x, state = self._finish_here(spec, sampler, conditioning, a, b, x, summary)
                         continue
                     summary.cloud_model_calls += calls
                     summary.forecast_steps += forecasts
-                    j = k
                     continue
-                if x is None:
-                    x = initial_noise(self.model, spec.seed, scheduler)
+                x = initial_noise(self.model, spec.seed, scheduler) if x is None else x
                 if conditioning is None:
                     conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
-                x, state, calls = run_segment(spec, seg, sampler, self.model, conditioning, x, state, self._after_step)
-                summary.edge_model_calls += calls
-                summary.forecast_steps += (seg.stop - seg.start) - calls
-                j += 1
+                run = drive(SegmentRun(spec, plan.segments[a:b], sampler, conditioning, x, state,
+                                       self._after_step), self.model)
+                x, state = run.x, run.state
+                summary.edge_model_calls += run.calls
+                summary.forecast_steps += run.forecasts
         finally:
             self._close(self._sock)
         return x, summary
@@ -164,8 +162,8 @@ class EdgeClient:
             sock = self._socket()
             try:
                 request = uuid.uuid4().bytes
-                sock.send_multipart([request] + wire.encode(wire.Message("health"), self.codecs), copy=False)
-                return self._await(sock, request, kind="health")
+                sock.send_multipart([request] + wire.HealthRequest().to_frames(), copy=False)
+                return asdict(self._await(sock, request, kind=wire.Health))
             except _Retryable:
                 if attempt == self.retries:
                     raise
@@ -218,14 +216,13 @@ class EdgeClient:
         elif x is None:
             x = initial_noise(self.model, spec.seed, sampler.scheduler)
         summary.degraded = True
-        state = None
-        for seg in plan.segments[a:b]:
-            if seg.stop <= start:
-                continue
-            local = Segment("edge", max(seg.start, start), seg.stop, renoise=seg.renoise and start <= seg.start)
-            x, state, calls = run_segment(spec, local, sampler, self.model, conditioning, x, state, self._after_step)
-            summary.edge_model_calls += calls
-        return x, state
+        local = [Segment("edge", max(seg.start, start), seg.stop, renoise=seg.renoise and start <= seg.start)
+                 for seg in plan.segments[a:b] if seg.stop > start]
+        run = drive(SegmentRun(spec, local, sampler, conditioning, on_model(self.model, x), None, self._after_step),
+                    self.model)
+        summary.edge_model_calls += run.calls
+        summary.forecast_steps += run.forecasts
+        return run.x, run.state
 
     def _remote(self, spec, a, b, x, state):
         """Have the cloud run segments [a, b) -> (x, state, model calls, forecast steps). A request lost
@@ -245,14 +242,25 @@ class EdgeClient:
                 self._abandon(request)
                 raise
             else:
-                state = SolverState(reply.x0_prev) if reply.x0_prev is not None else None
-                return reply.latent, state, reply.meta["model_calls"], reply.meta["forecast_steps"]
+                self._check_handoff(reply, spec, b)
+                state = SolverState(on_model(self.model, reply.x0_prev)) if reply.x0_prev is not None else None
+                return on_model(self.model, reply.latent), state, reply.model_calls, reply.forecast_steps
+
+    def _check_handoff(self, reply, spec, b):
+        """The cloud's handoff must continue this generation where the plan says it does."""
+        stop = spec.plan.segments[b - 1].stop
+        if reply.step_index != stop:
+            raise CloudError(f"the cloud handed off at step {reply.step_index}; segments ending at step {stop} "
+                             "were asked for (a cloud of another version?)")
+        expected = getattr(self.model, "latent_shape", None)
+        if expected is not None and tuple(reply.latent.shape) != (1, *expected):
+            raise CloudError(f"the cloud's latent has shape {tuple(reply.latent.shape)}; this edge's model works on "
+                             f"{(1, *expected)}")
 
     def _abandon(self, request):
         """Tell the cloud to drop a request (if it is alive to hear it), and never read its late replies."""
         try:
-            self._sock.send_multipart([request] + wire.encode(wire.Message("cancel"), self.codecs),
-                                      flags=zmq.NOBLOCK, copy=False)
+            self._sock.send_multipart([request] + wire.Cancel().to_frames(), flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError:
             pass
         self._close(self._sock, linger_ms=CANCEL_LINGER_MS)  # long enough for the cancel to leave
@@ -263,24 +271,25 @@ class EdgeClient:
         self._last_preview = None
         request_id = uuid.uuid4().bytes
         self.attempts += 1
-        msg = wire.Message("run", {"session": spec.to_msgpack(), "segments": [a, b],
-                                   "session_id": self.session_id, "deadline_s": self.deadline_s,
-                                   "codecs": self.codecs.to_meta(),
-                                   # the cloud checks its model against these before it runs anything
-                                   "latent_space": wire.plain(self.model.latent_space),
-                                   "text_space": wire.plain(self.model.text_space)},
-                           x, state.x0_prev if state is not None and not spec.restart_solver else None)
-        frames = wire.encode(msg, self.codecs)
+        run = wire.Run(session=spec, segments=(a, b), session_id=self.session_id, deadline_s=float(self.deadline_s),
+                       codecs=self.codecs,
+                       # the cloud checks its model against these before it runs anything
+                       latent_space=wire.plain(self.model.latent_space), text_space=wire.plain(self.model.text_space),
+                       latent=x, x0_prev=state.x0_prev if state is not None and not spec.restart_solver else None)
+        frames = run.to_frames()
         self.bytes_up += wire_bytes(frames)
         if self.link is not None:
             self._sleep(self.link.transfer_s(wire_bytes(frames)))  # the request's way up
         sock.send_multipart([request_id] + frames, copy=False)
         return request_id
 
-    def _await(self, sock, request_id, kind="handoff"):
-        """The reply to request_id (a Message), previews passed to on_preview on the way."""
-        start = heard = time.monotonic()
+    def _await(self, sock, request_id, kind=wire.Handoff):
+        """The reply to request_id (a wire.Handoff, or ``kind``), previews passed to on_preview on the way.
+        A cloud that beats but makes no progress for heartbeat_timeout_s is slow, not dead: on_slow(step,
+        seconds) hears of it (once per stall), and the wait goes on to timeout_s."""
+        start = heard = progress = time.monotonic()
         deadline = start + self.timeout_s
+        last_step, stalled = None, False
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         monitor = self._monitors[sock]
@@ -308,26 +317,38 @@ class EdgeClient:
             self.bytes_down += wire_bytes(reply[1:])
             if self.link is not None:
                 self._sleep(self.link.transfer_s(wire_bytes(reply[1:])))  # the reply's way down
-            m = wire.decode(reply[1:])
-            if m.kind == "beat":
+            try:
+                m = wire.parse_reply(reply[1:])
+            except (ProtocolError, FieldError) as e:
+                raise CloudError(f"the cloud at {self.connect} sent a malformed reply: {e}") from None
+            if isinstance(m, wire.Beat):
+                if m.step != last_step:
+                    last_step, progress, stalled = m.step, heard, False
+                elif (not stalled and self.heartbeat_timeout_s is not None
+                      and heard - progress > self.heartbeat_timeout_s):
+                    stalled = True
+                    self.stalls += 1
+                    if self.on_slow is not None:
+                        self.on_slow(m.step, heard - progress)
                 continue
-            self.worker = m.meta.get("worker", self.worker)
-            if m.kind == "preview":
-                self._last_preview = (m.meta["step"], m.latent)
+            if isinstance(m, wire.Preview):
+                self.worker = m.worker
+                last_step, progress = m.step + 1, heard
+                self._last_preview = (m.step, m.latent)
                 if self.on_preview is not None:
-                    self.on_preview(m.meta["step"], m.latent)
+                    self.on_preview(m.step, m.latent)
                 continue
-            if m.kind == "error":
-                text = m.meta.get("message", "the cloud refused the request")
-                code = m.meta.get("code")
-                if code in wire.RETRYABLE and code != "deadline":
-                    raise _Retryable(f"the cloud at {self.connect} turned the request away: {text}")
-                if code == "deadline":
-                    raise CloudUnavailable(f"the cloud at {self.connect} did not finish in time: {text}")
-                raise CloudError(text)
-            if m.kind != kind:
-                raise CloudError(f"the cloud answered a {kind} request with a {m.kind!r} message")
-            return m.meta if kind == "health" else m
+            if isinstance(m, wire.Error):
+                if m.code in wire.RETRYABLE and m.code != "deadline":
+                    raise _Retryable(f"the cloud at {self.connect} turned the request away: {m.message}")
+                if m.code == "deadline":
+                    raise CloudUnavailable(f"the cloud at {self.connect} did not finish in time: {m.message}")
+                raise CloudError(m.message)
+            if not isinstance(m, kind):
+                raise CloudError(f"the cloud answered a {kind.__name__} request with a {type(m).__name__} message")
+            if isinstance(m, wire.Handoff):
+                self.worker = m.worker
+            return m
 
 
 def summary_dict(summary, **extra):

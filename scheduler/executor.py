@@ -1,17 +1,20 @@
-"""Runs a split plan's segments: the per-side runner the daemons share, and the one-process reference
-(both sides' models in one process) that a two-process run must equal.
+"""The one-process reference (both sides' models in one process) that a two-process run must equal, and
+what every runner shares: a model's device, x_T, a plan's stretches of one side.
 
 A model here is anything with the interface of ``latentwire.pipelines.sd.StableDiffusionModel``:
 ``encode_prompt(prompt, negative) -> (cond, uncond)``, ``eps(x, t, cond, uncond, scheduler=) ->
 (eps_cond, eps_uncond)`` (the scheduler scales the model input where it needs to, as Euler's does),
-``initial_noise(seed, scheduler=) -> x_T``, and ``latent_space`` / ``text_space`` descriptions.
+``initial_noise(seed, scheduler=) -> x_T``, and ``latent_space`` / ``text_space`` descriptions; optionally
+``device`` and ``dtype`` (default: the CPU, and the dtype of what it is given).
 """
 from dataclasses import dataclass, field
 
-from latentwire.kernels import FusedSampler, run_steps
+import torch
 
-from .plan import PlanError, forecaster
-from .session import renoise_noise, step_noise
+from latentwire.kernels import FusedSampler, SolverState
+
+from .plan import PlanError
+from .segments import SegmentRun, drive
 
 
 @dataclass
@@ -43,47 +46,56 @@ def check_models(plan, models):
 
 
 def initial_noise(model, seed, scheduler):
-    """x_T from the seed, drawn on the CPU so that every side, whatever its device, draws the same."""
+    """x_T from the seed, drawn on the CPU so that every side, whatever its device, draws the same; on the
+    model's device in its dtype."""
     return model.initial_noise(seed, scheduler=scheduler, generator_device="cpu")
 
 
-def run_segment(spec, seg, sampler, model, conditioning, x, state, callback=None):
-    """Run one segment of ``spec.plan`` from latent x (and solver state) -> (x, state, model calls).
-    conditioning: (cond, uncond) text embeddings from this side's own text encoder."""
-    cond, uncond = conditioning
-    g = float(spec.guidance_scale)
-    if seg.renoise:  # preview-refine: the incoming latent is a clean preview
-        t = sampler.timesteps[seg.start:seg.start + 1]
-        x = sampler.scheduler.add_noise(x, renoise_noise(spec.seed, x.shape, x.dtype).to(x.device), t)
-        state = None
-
-    def guided(x, i, t):
-        eps_c, eps_u = model.eps(x, t, cond, uncond, scheduler=sampler.scheduler)
-        return [eps_u, eps_c], [1.0 - g, g]
-
-    noise = (lambda i: step_noise(spec.seed, x.shape, i).to(x.device)) if sampler.stochastic else None
-    return run_steps(sampler, x, guided, forecaster(seg), start=seg.start, stop=seg.stop, state=state,
-                     noise=noise, callback=callback)
+def model_device(model):
+    """Where a model computes: its ``device`` (the embedded and diffusers models have one), else the CPU."""
+    return torch.device(getattr(model, "device", "cpu"))
 
 
-def run_plan(spec, models, device="cpu"):
-    """One process, both models: the reference a split run must equal. -> (latent, Summary)."""
+def on_model(model, tensor):
+    """A tensor that arrived (on the CPU, in the wire's dtype) on the model's device and in its dtype."""
+    if tensor is None:
+        return None
+    return tensor.to(device=model_device(model), dtype=getattr(model, "dtype", tensor.dtype))
+
+
+def stretches(plan):
+    """The plan's segments grouped into maximal runs of one side -> [(a, b)]: segments [a, b) in turn."""
+    out, a = [], 0
+    for j in range(1, len(plan.segments) + 1):
+        if j == len(plan.segments) or plan.segments[j].side != plan.segments[a].side:
+            out.append((a, j))
+            a = j
+    return out
+
+
+def run_plan(spec, models):
+    """One process, both models: the reference a split run must equal. -> (latent, Summary). Each model
+    runs on its own device; the latent moves between them as it would cross the wire."""
     plan = spec.plan
     check_models(plan, models)
     scheduler = spec.make_scheduler()
-    sampler = FusedSampler(scheduler, device=device)
-    conditioning = {}
-    x = initial_noise(models[plan.segments[0].side], spec.seed, scheduler).to(device)
-    state = None
+    samplers, conditioning = {}, {}
+    x = state = None
     summary = Summary(plan=plan.name, steps=plan.num_steps, labels=plan.labels())
-    for j, seg in enumerate(plan.segments):
-        if j and seg.side != plan.segments[j - 1].side:
+    for a, b in stretches(plan):
+        side = plan.segments[a].side
+        model = models[side]
+        if a:
             summary.handoffs += 1
             if spec.restart_solver:
                 state = None
-        if seg.side not in conditioning:
-            conditioning[seg.side] = models[seg.side].encode_prompt(spec.prompt, spec.negative_prompt)
-        x, state, calls = run_segment(spec, seg, sampler, models[seg.side], conditioning[seg.side], x, state)
-        setattr(summary, f"{seg.side}_model_calls", getattr(summary, f"{seg.side}_model_calls") + calls)
-        summary.forecast_steps += (seg.stop - seg.start) - calls
+        if side not in samplers:
+            samplers[side] = FusedSampler(scheduler, device=model_device(model))
+            conditioning[side] = model.encode_prompt(spec.prompt, spec.negative_prompt)
+        x = initial_noise(model, spec.seed, scheduler) if x is None else on_model(model, x)
+        state = None if state is None else SolverState(on_model(model, state.x0_prev))
+        run = drive(SegmentRun(spec, plan.segments[a:b], samplers[side], conditioning[side], x, state), model)
+        x, state = run.x, run.state
+        setattr(summary, f"{side}_model_calls", getattr(summary, f"{side}_model_calls") + run.calls)
+        summary.forecast_steps += run.forecasts
     return x, summary

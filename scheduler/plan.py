@@ -16,8 +16,16 @@ from dataclasses import dataclass, field
 
 import msgpack
 
+from .fields import FieldError, need_bool, need_int, need_list, need_map, need_number, need_scalar, need_str
+
 SIDES = ("cloud", "edge")
 FORECASTERS = ("ecdiff", "taylor")
+MAX_STEPS = 10_000  # a schedule longer than any sampler runs; receivers set their own (ServingLimits)
+MAX_SEGMENTS = 64
+MAX_PARAMS = 16
+MAX_NAME_CHARS = 64
+MAX_FORECAST_ARGS = 3  # ("taylor", order, k, variable)
+MAX_FORECAST_VALUE = 1e6
 
 
 class PlanError(ValueError):
@@ -68,22 +76,54 @@ class Plan:
                  for seg in self.segments]
         return f"{self.name} {self.params} [{' | '.join(parts)}]"  # ~: re-noised; f: forecast
 
+    def to_plain(self):
+        """The plan as msgpack-native values: what travels inside a session."""
+        return {"name": self.name, "num_steps": self.num_steps, "params": dict(self.params),
+                "segments": [[s.side, s.start, s.stop, list(s.forecast), s.renoise] for s in self.segments]}
+
+    @classmethod
+    def from_plain(cls, d, field="plan", max_steps=MAX_STEPS):
+        """A plan from msgpack-native values, every field checked by type and range (a FieldError names
+        the field) before it is built; max_steps: the longest schedule accepted (a receiver's limit, a
+        FieldError with code 'limit' past it), checked before anything is built."""
+        need_map(field, d, 4, required=("name", "num_steps", "segments"), optional=("params",))
+        name = need_str(f"{field}.name", d["name"], MAX_NAME_CHARS)
+        n = need_int(f"{field}.num_steps", d["num_steps"], 1)
+        if n > max_steps:
+            raise FieldError(f"{field}.num_steps", n, f"at most {max_steps} steps (this receiver's limit)", "limit")
+        params = need_map(f"{field}.params", d.get("params", {}), MAX_PARAMS)
+        for k, v in params.items():
+            need_scalar(f"{field}.params.{k}", v, MAX_NAME_CHARS)
+        segments = []
+        for j, seg in enumerate(need_list(f"{field}.segments", d["segments"], MAX_SEGMENTS, 1)):
+            where = f"{field}.segments.{j}"
+            side, start, stop, fc, renoise = need_list(where, seg, 5, 5)
+            fc = need_list(f"{where}.forecast", fc, 1 + MAX_FORECAST_ARGS)
+            if fc:
+                need_str(f"{where}.forecast.0", fc[0], MAX_NAME_CHARS, FORECASTERS)
+                for k, v in enumerate(fc[1:], 1):
+                    if type(v) is str:
+                        need_str(f"{where}.forecast.{k}", v, MAX_NAME_CHARS)
+                    else:
+                        need_number(f"{where}.forecast.{k}", v, -MAX_FORECAST_VALUE, MAX_FORECAST_VALUE)
+            segments.append(Segment(need_str(f"{where}.side", side, MAX_NAME_CHARS, SIDES),
+                                    need_int(f"{where}.start", start, 0, n), need_int(f"{where}.stop", stop, 0, n),
+                                    tuple(fc), need_bool(f"{where}.renoise", renoise)))
+        return cls(name, n, tuple(segments), params)  # check() then says what is wrong with their order
+
     def to_msgpack(self):
-        return msgpack.packb({"name": self.name, "num_steps": self.num_steps, "params": self.params,
-                              "segments": [[s.side, s.start, s.stop, list(s.forecast), s.renoise]
-                                           for s in self.segments]}, use_bin_type=True)
+        return msgpack.packb(self.to_plain(), use_bin_type=True)
 
     @classmethod
     def from_msgpack(cls, data):
         try:
             d = msgpack.unpackb(data, raw=False)
-            segments = tuple(Segment(side, start, stop, tuple(fc), bool(renoise))
-                             for side, start, stop, fc, renoise in d["segments"])
-            return cls(d["name"], d["num_steps"], segments, d.get("params", {}))
-        except PlanError:
-            raise
         except Exception as e:
             raise PlanError(f"not a serialized plan ({type(e).__name__}: {e})") from None
+        try:
+            return cls.from_plain(d)
+        except FieldError as e:
+            raise PlanError(f"not a serialized plan ({e})") from None
 
 
 def forecaster(seg):

@@ -1,10 +1,21 @@
 """What both sides agree on when a generation opens: plain data that travels in the session message."""
+import math
 from dataclasses import asdict, dataclass, field
 
 import msgpack
 import torch
 
-from .plan import Plan, PlanError
+from latentwire.kernels.tables import BUILDERS
+
+from .fields import (INT64, FieldError, need_bool, need_int, need_list, need_map, need_number, need_scalar,
+                     need_str)
+from .plan import MAX_NAME_CHARS, MAX_STEPS, Plan, PlanError
+
+SUPPORTED_SCHEDULERS = tuple(BUILDERS)  # the diffusers schedulers the fused step computes
+SESSION_FIELDS = ("prompt", "plan", "scheduler", "scheduler_config", "negative_prompt", "guidance_scale", "seed",
+                  "restart_solver")
+MAX_PROMPT_CHARS = 4096  # CLIP reads 77 tokens; a longer prompt is truncated by its tokenizer anyway
+GUIDANCE = (-100.0, 100.0)  # classifier-free guidance scales in use lie in 0..20
 
 
 @dataclass(frozen=True)
@@ -36,21 +47,97 @@ class SessionSpec:
                             f"({type(e).__name__}: {e})") from None
         return s
 
-    def to_msgpack(self):
+    def to_plain(self):
+        """The session as msgpack-native values: what travels in a run request."""
         d = asdict(self)
-        d["plan"] = self.plan.to_msgpack()
-        return msgpack.packb(d, use_bin_type=True, default=_jsonable)
+        d["plan"] = self.plan.to_plain()
+        d["scheduler_config"] = msgpack.unpackb(msgpack.packb(self.scheduler_config, default=_jsonable), raw=False)
+        return d
+
+    @classmethod
+    def from_plain(cls, d, field="session", max_steps=MAX_STEPS):
+        """A session from msgpack-native values, every field checked by type, range and size (a FieldError
+        names the field and the value) before anything is built: the plan (max_steps: the receiver's
+        limit), the scheduler named from those the fused step supports, every scheduler-config value, a
+        finite guidance scale and a seed within int64."""
+        need_map(field, d, len(SESSION_FIELDS), required=("prompt", "plan", "scheduler"),
+                 optional=SESSION_FIELDS)
+        plan = Plan.from_plain(d["plan"], f"{field}.plan", max_steps)
+        config = check_scheduler_config(f"{field}.scheduler_config", d.get("scheduler_config", {}))
+        return cls(prompt=need_str(f"{field}.prompt", d["prompt"], MAX_PROMPT_CHARS), plan=plan,
+                   scheduler=need_str(f"{field}.scheduler", d["scheduler"], MAX_NAME_CHARS, SUPPORTED_SCHEDULERS),
+                   scheduler_config=config,
+                   negative_prompt=need_str(f"{field}.negative_prompt", d.get("negative_prompt", ""), MAX_PROMPT_CHARS),
+                   guidance_scale=need_number(f"{field}.guidance_scale", d.get("guidance_scale", 7.5), *GUIDANCE),
+                   seed=need_int(f"{field}.seed", d.get("seed", 0), 0, INT64[1]),
+                   restart_solver=need_bool(f"{field}.restart_solver", d.get("restart_solver", False)))
+
+    def to_msgpack(self):
+        return msgpack.packb(self.to_plain(), use_bin_type=True)
 
     @classmethod
     def from_msgpack(cls, data):
         try:
             d = msgpack.unpackb(data, raw=False)
-            d["plan"] = Plan.from_msgpack(d["plan"])
-            return cls(**d)
-        except PlanError:
-            raise
         except Exception as e:
             raise PlanError(f"not a serialized session ({type(e).__name__}: {e})") from None
+        try:
+            return cls.from_plain(d)
+        except FieldError as e:
+            raise PlanError(f"not a serialized session ({e})") from None
+
+
+# Each scheduler-config value a diffusers scheduler we step reads, with its type and range. Strings are
+# bounded here and their choices left to diffusers (which refuses unknown ones: a PlanError). Any other
+# key must be a plain scalar: diffusers ignores keys it does not know.
+_BOOL = ("bool",)
+CONFIG_FIELDS = {
+    "num_train_timesteps": ("int", 1, 10_000), "steps_offset": ("int", 0, 10_000), "solver_order": ("int", 1, 3),
+    "beta_start": ("number", 0.0, 1.0), "beta_end": ("number", 0.0, 1.0),
+    "clip_sample_range": ("number", 0.0, 1e4), "sample_max_value": ("number", 0.0, 1e4),
+    "dynamic_thresholding_ratio": ("number", 0.0, 1.0),
+    "shift": ("number", 0.0, 1e3), "flow_shift": ("number", 0.0, 1e3), "base_shift": ("number", 0.0, 1e3),
+    "max_shift": ("number", 0.0, 1e3),
+    "base_image_seq_len": ("int", 1, 1 << 24), "max_image_seq_len": ("int", 1, 1 << 24),
+    "sigma_min": ("optional number", 0.0, 1e4), "sigma_max": ("optional number", 0.0, 1e4),
+    "shift_terminal": ("optional number", 0.0, 1.0),
+    "lambda_min_clipped": ("number or -inf", -1e4, 1e4),
+    "trained_betas": ("optional betas",),
+    "_use_default_values": ("names",),
+    **{k: _BOOL for k in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr",
+                          "euler_at_final", "invert_sigmas", "lower_order_final", "stochastic_sampling",
+                          "use_beta_sigmas", "use_dynamic_shifting", "use_exponential_sigmas", "use_flow_sigmas",
+                          "use_karras_sigmas", "use_lu_lambdas")},
+}
+MAX_CONFIG_KEYS = 64
+
+
+def check_scheduler_config(field, config):
+    """A scheduler config from the network -> itself, each value checked against CONFIG_FIELDS."""
+    need_map(field, config, MAX_CONFIG_KEYS)
+    for key, value in config.items():
+        where = f"{field}.{key}"
+        kind, *bounds = CONFIG_FIELDS.get(key, ("scalar",))
+        if kind == "int":
+            need_int(where, value, *bounds)
+        elif kind == "number":
+            need_number(where, value, *bounds)
+        elif kind == "optional number":
+            value is None or need_number(where, value, *bounds)
+        elif kind == "number or -inf":
+            value == -math.inf or need_number(where, value, *bounds)
+        elif kind == "bool":
+            need_bool(where, value)
+        elif kind == "optional betas":
+            if value is not None:
+                for i, b in enumerate(need_list(where, value, 10_000, 1)):
+                    need_number(f"{where}.{i}", b, 0.0, 1.0)
+        elif kind == "names":
+            for i, name in enumerate(need_list(where, value, MAX_CONFIG_KEYS)):
+                need_str(f"{where}.{i}", name, MAX_NAME_CHARS)
+        else:
+            need_scalar(where, value, MAX_NAME_CHARS)
+    return config
 
 
 def _jsonable(value):
@@ -65,9 +152,15 @@ def _jsonable(value):
 def step_noise(seed, shape, i, dtype=torch.float32):
     """The noise a stochastic sampler adds at step i of the generation with this seed: drawn from its
     own generator, so it is the same whichever side runs the step."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + 7 + i), dtype=dtype)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(_derived(seed, 7 + i)), dtype=dtype)
 
 
 def renoise_noise(seed, shape, dtype=torch.float32):
     """The noise preview-refine adds to the preview before the cloud refines it."""
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + 5), dtype=dtype)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(_derived(seed, 5)), dtype=dtype)
+
+
+def _derived(seed, offset):
+    """A generator seed of its own for one use of the session's seed, within torch's 64-bit range (the
+    same value as before for every seed below 2**63 / 1_000_003)."""
+    return (seed * 1_000_003 + offset) % (1 << 64)

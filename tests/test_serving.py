@@ -157,13 +157,12 @@ def _raw(bind):
 def _reply(sock):
     assert sock.poll(WAIT_S * 1000), "no reply"
     frames = sock.recv_multipart()
-    return frames[0], wire.decode(frames[1:])
+    return frames[0], wire.parse_reply(frames[1:])
 
 
-def _run_request(spec, model, **meta):
-    msg = wire.Message("run", {"session": spec.to_msgpack(), "segments": [0, 1], "latent_space":
-                               wire.plain(model.latent_space), "text_space": wire.plain(model.text_space), **meta})
-    return wire.encode(msg, Codecs())
+def _run_request(spec, model):
+    return wire.Run(spec, (0, 1), latent_space=wire.plain(model.latent_space),
+                    text_space=wire.plain(model.text_space)).to_frames()
 
 
 def test_limits_are_named_and_a_refused_message_does_not_stop_the_others(models, tmp_path):
@@ -173,10 +172,10 @@ def test_limits_are_named_and_a_refused_message_does_not_stop_the_others(models,
         sock = _raw(bind)
         sock.send_multipart([b"big", b"x" * 5000])
         rid, m = _reply(sock)
-        assert (rid, m.meta["code"]) == (b"big", "limit") and "--max-message-bytes" in m.meta["message"]
+        assert (rid, m.code) == (b"big", "limit") and "--max-message-bytes" in m.message
         sock.send_multipart([b"bad", b"not a latentwire header"])
         rid, m = _reply(sock)
-        assert (rid, m.meta["code"]) == (b"bad", "refused") and "malformed" in m.meta["message"]
+        assert (rid, m.code) == (b"bad", "refused") and "malformed" in m.message
         sock.send_multipart([b"lonely"])  # no body: nothing to answer to, dropped
         with pytest.raises(CloudError, match="at most 50"):
             EdgeClient(bind, models["edge"], timeout_s=WAIT_S).generate(_spec(models["cloud"], 60))
@@ -186,10 +185,10 @@ def test_limits_are_named_and_a_refused_message_does_not_stop_the_others(models,
         replies = {}
         while len(replies) < 2:
             rid, m = _reply(sock)
-            if m.kind != "beat":
+            if not isinstance(m, wire.Beat):
                 replies[rid] = m
-        assert replies[b"two"].meta["code"] == "limit" and "--max-sessions-per-client" in replies[b"two"].meta["message"]
-        assert replies[b"one"].kind == "handoff" and replies[b"one"].meta["model_calls"] == 40
+        assert replies[b"two"].code == "limit" and "--max-sessions-per-client" in replies[b"two"].message
+        assert isinstance(replies[b"one"], wire.Handoff) and replies[b"one"].model_calls == 40
         sock.close()
         assert _count(server, "latentwire_errors_total", code="limit") == 3
 
@@ -303,7 +302,7 @@ def test_a_fuzzed_daemon_stays_up_and_answers_the_next_valid_request_correctly(p
         answered = 0
         while sock.poll(2000):  # every message gets an answer (an error, or a handoff) or is dropped
             frames = sock.recv_multipart()
-            if wire.decode(frames[1:]).kind != "beat":
+            if not isinstance(wire.parse_reply(frames[1:]), wire.Beat):
                 answered += 1
         sock.close()
         assert proc.poll() is None and answered >= 200

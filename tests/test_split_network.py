@@ -112,7 +112,7 @@ def test_carrying_the_solver_state_against_restarting_it(cloud, models):
 def test_the_cloud_refuses_segments_that_are_not_its_own(cloud, models):
     spec = _spec(models["cloud"], make("edge-only", 4))
     client = EdgeClient(cloud, models["edge"], codecs=EXACT, timeout_s=REPLY_TIMEOUT_S)
-    with pytest.raises(CloudError, match="not the cloud's to run"):  # a request generate() would never make
+    with pytest.raises(CloudError, match="field 'segments'.*all the cloud's"):  # a request generate() would never make
         client.run_remote(spec, 0, 1)
 
 
@@ -164,7 +164,7 @@ def test_a_cloud_that_dies_mid_session_is_noticed_by_its_heartbeats_and_used_aga
 
 def test_with_fallback_the_edge_finishes_from_the_last_preview_and_says_so(pair, models, tmp_path):
     from latentwire.kernels import FusedSampler
-    from latentwire.scheduler import Segment, run_segment
+    from latentwire.scheduler import Segment, SegmentRun, drive
 
     proc = daemons.start("cloud", "--model", pair[0], "--bind", f"ipc://{tmp_path}/dying.sock", "--preview-every", "1")
     previews = []
@@ -186,8 +186,8 @@ def test_with_fallback_the_edge_finishes_from_the_last_preview_and_says_so(pair,
     # what it must be: the edge's model from the preview (the latent at the start of step 3) to the end
     sampler = FusedSampler(spec.make_scheduler())
     cond = models["edge"].encode_prompt(spec.prompt, spec.negative_prompt)
-    expected, _, calls = run_segment(spec, Segment("edge", step, 36), sampler, models["edge"], cond, x, None)
-    assert torch.equal(latent, expected) and summary.edge_model_calls == calls == 36 - step
+    run = drive(SegmentRun(spec, [Segment("edge", step, 36)], sampler, cond, x), models["edge"])
+    assert torch.equal(latent, run.x) and summary.edge_model_calls == run.calls == 36 - step
 
 
 def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_path):
