@@ -184,6 +184,15 @@ class CloudServer:
                         extra=fields(peer=peer.hex(), request=request.hex(), kind=kind))
 
     def _receive(self, frames):
+        try:
+            self._handle(frames)
+        except Exception:  # a bug met by some message must not stop the daemon: log it, serve on
+            log.exception("a message could not be handled", extra=fields(peer=bytes(frames[0]).hex()))
+            if len(frames) >= 2:
+                self._send(bytes(frames[0]), bytes(frames[1]), wire.Error("refused", "the cloud could not handle "
+                                                                          "this message (its log says why)"))
+
+    def _handle(self, frames):
         if len(frames) < 3:  # not [edge id, request id, header...]: nothing to answer to
             log.warning("dropped a message of %d frames", len(frames), extra=fields(peer=bytes(frames[0]).hex()))
             return
@@ -199,7 +208,7 @@ class CloudServer:
         except FieldError as e:
             hint = " (--max-steps-per-session)" if e.code == "limit" else ""
             return self._refuse(peer, request, wire.Error(e.code, f"malformed message: {e}{hint}", e.field))
-        except ProtocolError as e:
+        except (ProtocolError, ValueError) as e:
             return self._refuse(peer, request, wire.Error("refused", f"malformed message: {e}"))
         if isinstance(msg, wire.Cancel):
             ticket = self._tickets.pop((peer, request), None)

@@ -23,6 +23,14 @@ class FieldError(ValueError):
             shown = shown[:MAX_SHOWN] + "..."
         super().__init__(f"field {field!r}: expected {expected}, got {type(value).__name__} {shown}")
 
+    @classmethod
+    def because(cls, field, reason, code="refused"):
+        """A field whose value is well typed but does not make sense (the reason says why)."""
+        e = cls.__new__(cls)
+        e.field, e.code = field, code
+        ValueError.__init__(e, f"field {field!r}: {reason}")
+        return e
+
 
 def need_int(field, value, lo=INT64[0], hi=INT64[1], code="refused"):
     if type(value) is not int or not lo <= value <= hi:
@@ -65,8 +73,8 @@ def need_list(field, value, max_items, lo_items=0):
 
 def need_map(field, value, max_items, required=(), optional=()):
     """A str-keyed map of at most max_items; with ``required`` or ``optional`` given, exactly those keys
-    (every required one, any optional one, nothing else)."""
-    if type(value) is not dict or len(value) > max_items or not all(type(k) is str for k in value):
+    (every required one, any optional one, nothing else: an unknown one is named)."""
+    if type(value) is not dict or not all(type(k) is str for k in value):
         raise FieldError(field, value, f"a map of at most {max_items} str keys")
     if required or optional:
         missing = [k for k in required if k not in value]
@@ -75,7 +83,9 @@ def need_map(field, value, max_items, required=(), optional=()):
         extra = sorted(set(value) - set(required) - set(optional))
         if extra:
             raise FieldError(f"{field}.{extra[0]}", value[extra[0]],
-                             f"no such field (known: {', '.join(list(required) + list(optional))})")
+                             f"no such field (known: {', '.join(dict.fromkeys(list(required) + list(optional)))})")
+    if len(value) > max_items:
+        raise FieldError(field, value, f"a map of at most {max_items} str keys")
     return value
 
 

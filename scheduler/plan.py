@@ -109,7 +109,10 @@ class Plan:
             segments.append(Segment(need_str(f"{where}.side", side, MAX_NAME_CHARS, SIDES),
                                     need_int(f"{where}.start", start, 0, n), need_int(f"{where}.stop", stop, 0, n),
                                     tuple(fc), need_bool(f"{where}.renoise", renoise)))
-        return cls(name, n, tuple(segments), params)  # check() then says what is wrong with their order
+        try:
+            return cls(name, n, tuple(segments), params)  # check() says what is wrong with their order
+        except PlanError as e:
+            raise FieldError.because(f"{field}.segments", str(e)) from None
 
     def to_msgpack(self):
         return msgpack.packb(self.to_plain(), use_bin_type=True)
