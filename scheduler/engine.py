@@ -311,7 +311,7 @@ class CloudEngine:
                                                                       "all the cloud's")
         for what in ("latent_space", "text_space"):
             theirs, ours = getattr(request, what), wire.plain(getattr(model, what))
-            if theirs != ours:
+            if theirs is not None and theirs != ours:  # None: the caller does not say (a serving stack's own)
                 raise wire.FieldError(what, theirs, f"this cloud's model's {what.replace('_', ' ')} {ours}: a "
                                                     "handoff needs both models the same")
         expected = (1, *model.latent_shape) if hasattr(model, "latent_shape") else None
