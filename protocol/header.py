@@ -59,6 +59,7 @@ class TensorHeader:
         return v[:c], v[c:]
 
     def to_wire(self):
+        # The order of these keys is the wire's (SPEC.md section 2): n c d s f z p k, then q, r b, zl.
         d = {"n": self.name, "c": self.codec, "d": self.dtype, "s": list(self.shape), "f": self.filter,
              "z": self.zstd, "p": self.payload_bytes, "k": self.checksum}
         if self.codec in INT_CODECS:
@@ -87,8 +88,15 @@ class TensorHeader:
         shape = _field(d, "s", list, where)
         if not 1 <= len(shape) <= MAX_RANK:
             raise ProtocolError(f"{where}: rank {len(shape)} is outside 1..{MAX_RANK}")
-        if not all(type(n) is int and 0 <= n <= limits.max_elements for n in shape):
-            raise ProtocolError(f"{where}: shape {shape} must be ints in 0..{limits.max_elements}")
+        for n in shape:  # each dimension before the product, which a peer with 64-bit ints could overflow
+            if type(n) is not int:
+                raise ProtocolError(f"{where}: each dimension of shape {shape} must be a msgpack int, got {_kind(n)}")
+            if n < 0:
+                raise ProtocolError(f"{where}: shape {shape} has the negative dimension {n}; dimensions are >= 0")
+            if n > limits.max_elements:
+                raise ProtocolError(
+                    f"{where}: dimension {n} of shape {shape} is over the limit of {limits.max_elements} elements; "
+                    "a receiver that expects tensors this large must raise Limits.max_elements")
         shape = tuple(shape)
         if prod(shape) > limits.max_elements:
             raise ProtocolError(
@@ -120,14 +128,19 @@ class TensorHeader:
             if codec not in INT_CODECS:
                 raise ProtocolError(f"{where}: residual coding needs an int codec, not {codec!r}")
             reference = _field(d, "r", int, where)
+            if not 0 <= reference < 1 << 64:
+                raise ProtocolError(f"{where}: reference fingerprint {reference} is not a 64-bit unsigned int")
             beta = _field(d, "b", bytes, where)
             if len(beta) != 4 * c or not all(map(math.isfinite, struct.unpack(f"<{len(beta) // 4}f", beta))):
                 raise ProtocolError(f"{where}: 'b' must hold {c} finite float32 values")
         plane_bytes = ()
         if codec in FLOAT_CODECS and filt == filters.SHUFFLE and zstd:
             plane_bytes = tuple(_field(d, "zl", list, where))
-            if len(plane_bytes) != FLOAT_CODECS[codec] or not all(
-                    type(n) is int and n >= 0 for n in plane_bytes) or sum(plane_bytes) != payload_bytes:
+            bad = [n for n in plane_bytes if type(n) is not int]
+            if bad:
+                raise ProtocolError(f"{where}: each 'zl' plane length must be a msgpack int, got {_kind(bad[0])}")
+            if len(plane_bytes) != FLOAT_CODECS[codec] or min(plane_bytes, default=0) < 0 or \
+                    sum(plane_bytes) != payload_bytes:
                 raise ProtocolError(f"{where}: 'zl' must list {FLOAT_CODECS[codec]} plane lengths adding up to "
                                     f"the payload's {payload_bytes} bytes, got {plane_bytes}")
         elif "zl" in d:
@@ -144,16 +157,45 @@ class TensorHeader:
                    plane_bytes)
 
 
+# Python type -> msgpack type name, for _field's strict checks and its messages.
+_MSGPACK_NAMES = {type(None): "nil", bool: "bool", int: "int", float: "float", str: "str", bytes: "bin",
+                  list: "array", dict: "map"}
+
+
+def _kind(value):
+    """The msgpack type of a decoded value, with the value when it is short: ``float 1.0``."""
+    name = _MSGPACK_NAMES.get(type(value), type(value).__name__)
+    text = repr(value)
+    return f"{name} {text}" if len(text) <= 40 else name
+
+
 def _field(d, key, kind, where="header"):
+    """d[key], which must be exactly the msgpack type ``kind`` names (SPEC.md section 2, "Types").
+
+    Strict: a bool is not an int (Python's bool subclasses int) and neither is a float, however
+    integral; ``true`` is not ``1``. A peer that coerced would read a message its sender never wrote.
+    """
     if key not in d:
         raise ProtocolError(f"{where}: missing key {key!r}")
     value = d[key]
-    # bool is an int in Python; keep the two apart.
-    if kind is int and (type(value) is not int):
-        raise ProtocolError(f"{where}: key {key!r} must be an int, got {type(value).__name__}")
-    if not isinstance(value, kind):
-        raise ProtocolError(f"{where}: key {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    if type(value) is not kind:
+        raise ProtocolError(f"{where}: key {key!r} must be a msgpack {_MSGPACK_NAMES[kind]}, got {_kind(value)}")
     return value
+
+
+def _unique_map(pairs):
+    """msgpack object_pairs_hook: a map as a dict, refusing a key that appears twice.
+
+    msgpack-python would silently keep the last value; a peer's library may keep the first. Either
+    way two decoders would read different messages from the same bytes, so the format forbids it.
+    """
+    d = dict(pairs)
+    if len(d) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ProtocolError(f"header: a msgpack map holds the duplicate key {dup!r}; every key of every map in "
+                            "the header (tensor entries and meta included) must appear once")
+    return d
 
 
 def check_meta(value, where="meta", depth=0):
@@ -179,6 +221,9 @@ def check_meta(value, where="meta", depth=0):
 
 
 def pack_header(entries, meta):
+    """The header frame, byte for byte as SPEC.md section 2 writes it: keys m, v, t, s in that order,
+    each entry's keys in ``TensorHeader.to_wire``'s order, meta in the caller's; every value in
+    msgpack-python's shortest form (use_bin_type: str as str, bytes as bin; floats as float 64)."""
     return msgpack.packb({"m": MAGIC, "v": WIRE_VERSION, "t": [e.to_wire() for e in entries], "s": meta},
                          use_bin_type=True)
 
@@ -189,12 +234,15 @@ def unpack_header(frame, limits: Limits):
         raise ProtocolError(f"header frame is {len(frame)} bytes, over the limit of {limits.max_header_bytes}")
     try:
         # unpackb bounds every container by the frame length, itself bounded above.
-        d = msgpack.unpackb(frame, raw=False, strict_map_key=True)
+        d = msgpack.unpackb(frame, raw=False, strict_map_key=True, object_pairs_hook=_unique_map)
+    except ProtocolError:
+        raise
     except Exception as e:  # msgpack raises a zoo of types on garbage; all mean the same here
         raise ProtocolError(f"header frame is not valid msgpack ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict) or d.get("m") != MAGIC:
-        raise ProtocolError("header frame does not start a latentwire message (magic 'LW' missing)")
-    version = d.get("v")
+    if type(d) is not dict or type(d.get("m")) is not bytes or d["m"] != MAGIC:
+        raise ProtocolError("header frame does not start a latentwire message (magic 'LW' missing: key 'm' must "
+                            "be the msgpack bin 4c57)")
+    version = _field(d, "v", int)
     if version != WIRE_VERSION:
         raise ProtocolError(
             f"wire version {version!r} is not supported; this decoder speaks version {WIRE_VERSION}: "

@@ -326,14 +326,43 @@ def _decode_tensor(h: TensorHeader, payload, reference, device):
 
 
 def _inflate(payload, size, where):
-    """zstd frame -> exactly ``size`` bytes, never allocating more (decompression bombs)."""
+    """One zstd frame -> exactly ``size`` bytes (SPEC.md section 6), never allocating more (bombs).
+
+    The frame must declare its content size, and declare ``size``: that is checked before anything
+    is inflated, and libzstd then refuses to write past it. Nothing may follow the frame.
+    """
     try:
         declared = zstandard.frame_content_size(payload)
-        if declared not in (-1, size):
-            raise ProtocolError(f"{where}: zstd frame declares {declared} bytes, the header implies {size}")
-        raw = _decompressor().decompress(payload, max_output_size=size, allow_extra_data=False)
+    except zstandard.ZstdError as e:
+        raise ProtocolError(f"{where}: payload is not a valid zstd frame ({e})") from None
+    if declared == -1:
+        raise ProtocolError(f"{where}: zstd frame does not declare its content size; the header implies {size} "
+                            "bytes, and a sender must write that size in the frame header (SPEC.md section 6)")
+    if declared != size:
+        raise ProtocolError(f"{where}: zstd frame declares {declared} bytes, the header implies {size} "
+                            "(a decompression bomb, or a header that does not describe its payload)")
+    if size:
+        try:
+            raw = _decompressor().decompress(payload, max_output_size=size, allow_extra_data=False)
+        except zstandard.ZstdError:
+            pass  # below, the streaming decoder tells bytes after a good frame from a broken frame
+        else:
+            if len(raw) == size:
+                return raw
+    # python-zstandard's one-shot decompress returns b"" for a frame that declares 0 bytes without
+    # reading the frame, so an empty tensor's trailing bytes would pass: the streaming decoder reads
+    # the frame to its end and hands back what follows. It holds at most the declared size.
+    obj = _decompressor().decompressobj()
+    try:
+        raw = obj.decompress(payload)
     except zstandard.ZstdError as e:
         raise ProtocolError(f"{where}: payload is not a valid zstd frame of {size} bytes ({e})") from None
+    if not obj.eof:
+        raise ProtocolError(f"{where}: payload is not a valid zstd frame: it ends before its last block "
+                            "(truncated in transit?)")
+    if obj.unused_data:
+        raise ProtocolError(f"{where}: {len(obj.unused_data)} bytes after the zstd frame; the payload must be "
+                            "exactly one frame, an empty tensor's too (SPEC.md section 6)")
     if len(raw) != size:
         raise ProtocolError(f"{where}: zstd payload inflates to {len(raw)} bytes, the header implies {size}")
     return raw
@@ -359,6 +388,10 @@ def _decode_int(h, raw, reference, device, where):
     on_cpu = device is None or _numpy_path(torch.device(device))
     # Without the Lorenzo filter, int4 moves to the device packed and is unpacked there.
     packed = h.codec == "int4" and h.filter != filters.LORENZO and not on_cpu
+    if h.codec == "int4" and n % 2 and raw[-1] >> 4:
+        raise ProtocolError(f"{where}: int4 padding nibble is {raw[-1] >> 4}, must be 0: with an odd element count "
+                            f"({n}) the high nibble of the last byte is padding, and a sender writes 0 there "
+                            "(SPEC.md section 4)")
     sym = np.frombuffer(raw, np.uint8)
     if h.codec == "int4" and not packed:
         sym = quant.unpack_nibbles(sym, n)

@@ -50,8 +50,8 @@ def test_bad_headers(frames, match):
     ({"d": "int32"}, b"\0", "unknown dtype 'int32'"),
     ({"s": [1, 1, 1, 1, 1, 1]}, b"\0", "rank 6"),
     ({"s": []}, b"", "rank 0"),
-    ({"s": [-1]}, b"\0", "must be ints"),
-    ({"s": [1.5]}, b"\0", "must be ints"),
+    ({"s": [-1]}, b"\0", "negative dimension -1"),
+    ({"s": [1.5]}, b"\0", "must be a msgpack int, got float 1.5"),
     ({"s": [2]}, b"\0", "disagrees with shape"),
     ({"p": 5}, b"\0", "payload of 5 bytes disagrees"),
     ({"p": 5, "z": True}, b"\0", "payload frame has 1 bytes, header says 5"),
@@ -65,8 +65,8 @@ def test_bad_headers(frames, match):
     ({"q": ...}, b"\0", "missing key 'q'"),
     ({"r": 7, "b": b"\0\0"}, b"\0", "'b' must hold 1"),
     ({"zz": 1}, b"\0", "unknown keys"),
-    ({"z": 1}, b"\0", "'z' must be bool"),
-    ({"n": 3}, b"\0", "'n' must be str"),
+    ({"z": 1}, b"\0", "'z' must be a msgpack bool, got int 1"),
+    ({"n": 3}, b"\0", "'n' must be a msgpack str, got int 3"),
     ({"c": "fp32", "s": [1], "q": ..., "r": 1, "b": b"\0" * 4}, b"\0\0\0\0", "residual coding needs an int codec"),
     ({"c": "fp16", "s": [1], "q": ..., "f": 1, "z": True}, b"\0", "missing key 'zl'"),
     ({"c": "fp16", "s": [1], "q": ..., "f": 1, "z": True, "zl": [1]}, b"\0", "'zl' must list 2"),
@@ -116,9 +116,9 @@ def test_zstd_bomb_declaring_its_size_is_refused_before_inflating():
         decode(forge({"s": [10], "z": True}, bomb))
 
 
-def test_zstd_bomb_hiding_its_size_is_cut_off_at_the_header_size():
+def test_zstd_bomb_hiding_its_size_is_refused_before_inflating():
     bomb = zstandard.ZstdCompressor(level=19, write_content_size=False).compress(bytes(1 << 24))
-    with pytest.raises(ProtocolError, match="not a valid zstd frame of 10 bytes"):
+    with pytest.raises(ProtocolError, match="does not declare its content size; the header implies 10"):
         decode(forge({"s": [10], "z": True}, bomb))
 
 
@@ -142,7 +142,7 @@ def test_max_elements_edge():
 
 
 def test_max_elements_edge_in_a_single_dimension_is_checked_before_multiplying():
-    with pytest.raises(ProtocolError, match="must be ints in 0..100"):
+    with pytest.raises(ProtocolError, match="dimension 101 of shape \\[101, 0\\] is over the limit of 100"):
         decode(forge({"s": [101, 0]}, b""), limits=Limits(max_elements=100))
 
 
