@@ -1,4 +1,5 @@
-"""Benchmark: the fused step on whatever device this machine has (CUDA if present, else CPU).
+"""Benchmark: the fused DDIM step (clip_sample off, and on as DDIM defaults) on whatever device this
+machine has (CUDA if present, else CPU).
 
 On CUDA it times latentwire's Triton kernel, ``torch.compile`` of the torch reference and a
 device-to-device copy of the bytes a step must move (read x, u, c; write x), reports GB/s, and
@@ -16,11 +17,12 @@ from latentwire.kernels import FusedSampler, fused_step_ref
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (1, 4, 128, 128) if DEVICE == "cuda" else (1, 4, 32, 32)
 G = 7.5
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+CONFIGS = {"ddim": dict(SD, clip_sample=False), "ddim-clip": dict(SD)}  # clip_sample=True: DDIM's default
 
 
-def _setup():
-    s = DDIMScheduler(**SD)
+def _setup(config="ddim"):
+    s = DDIMScheduler(**CONFIGS[config])
     s.set_timesteps(25)
     sampler = FusedSampler(s, device=DEVICE)
     g = torch.Generator().manual_seed(0)
@@ -47,10 +49,11 @@ def _profile(fn):
 
 
 @pytest.mark.parametrize("impl", ["fused", "torch.compile(ref)", "copy"])
-def test_step_on_device(impl, benchmark, record):
-    sampler, x, u, c, expected = _setup()
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_step_on_device(config, impl, benchmark, record):
+    sampler, x, u, c, expected = _setup(config)
     nbytes = 4 * x.numel() * x.element_size()
-    benchmark.group = f"fused step DDIM {DEVICE} {SHAPE}"
+    benchmark.group = f"fused step {config} {DEVICE} {SHAPE}"
     if impl == "fused":
         fn = lambda: sampler.step(x, 10, cond=c, uncond=u, guidance_scale=G)[0]  # noqa: E731
         launches, syncs, ops = _profile(fn)
@@ -60,15 +63,15 @@ def test_step_on_device(impl, benchmark, record):
     elif impl == "torch.compile(ref)":
         ref = torch.compile(fused_step_ref, dynamic=False)
         w, step = torch.tensor([[1 - G, G]], device=DEVICE), torch.tensor([10], device=DEVICE)
-        fn = lambda: ref(x, [u, c], w, sampler.coef, step)[0]  # noqa: E731
+        fn = lambda: ref(x, [u, c], w, sampler.coef, step, clip=sampler.table.clip)[0]  # noqa: E731
         fn()  # compile outside the timing
     else:
-        src = torch.empty(2 * x.numel(), device=DEVICE)
-        dst = torch.empty_like(src)
+        src = torch.cat([x.flatten(), u.flatten()])
+        want = src.clone()  # what the copy must produce, made before the timing
+        dst = torch.full_like(src, float("nan"))
 
         def fn():  # moves the step's bytes: reads half of them, writes the other half
-            dst.copy_(src)
-            return expected
+            return dst.copy_(src)
 
     def timed():
         out = fn()
@@ -76,14 +79,18 @@ def test_step_on_device(impl, benchmark, record):
         return out
 
     out = benchmark(timed)
-    assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    if impl == "copy":
+        assert torch.equal(out, want), "the copy did not copy its source"
+    else:  # the steps: against diffusers' scheduler.step, computed in _setup
+        assert ((out - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     if benchmark.stats is not None:
         benchmark.extra_info["GB/s moved"] = round(nbytes / benchmark.stats.stats.median / 1e9, 3)
     record(x, baseline=impl == "copy")  # the summary prints each row's speed over the copy's
 
 
-def _step_replays_in_a_cuda_graph():
-    sampler, x, u, c, expected = _setup()
+@pytest.mark.parametrize("config", list(CONFIGS))
+def _step_replays_in_a_cuda_graph(config):
+    sampler, x, u, c, expected = _setup(config)
     static_x = x.clone()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()

@@ -11,12 +11,16 @@ x_next: 4 x 256 KiB. diffusers' scheduler.step plus the eager guidance combine m
 (every intermediate is a full tensor written and read back).
 
 Three implementations, side by side: ``fused_step_ref`` (torch, the equations as written; what the
-tests hold the others to), ``_fused_step_cpu`` (torch on CPU: the affine map folded into per-row
-scalars first, so x_next is K + 1 fused multiply-adds without intermediates), and the Triton kernel
-(one program per (block, row); compiled on CUDA, interpreted on CPU under TRITON_INTERPRET=1).
-``fused_step`` dispatches by device. None of them reads a tensor value on the host, so a CUDA step
-can be captured in a graph.
+tests hold the others to), the CPU paths (torch on CPU: the affine map folded into per-row
+coefficients first, so x_next is K + 1 fused multiply-adds without intermediates; with x_0 clamped,
+DDIM's and DDPM's default, x_0 is built once in place and x_next folded from it:
+``_fused_step_cpu`` with per-row tensors, ``_fused_step_cpu_scalar`` with Python floats when every
+row shares the step), and the Triton kernel (one program per (block, row); compiled on CUDA,
+interpreted on CPU under TRITON_INTERPRET=1).
+``fused_step`` dispatches by device. Only the shared-step CPU path reads a tensor value on the host
+(its coefficient row, already in host memory), so a CUDA step can be captured in a graph.
 """
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -178,46 +182,66 @@ def fused_step_ref(x, models, weights, coef, step, noise=None, hist=None, clip=N
 
 
 def _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m):
-    """Without clipping the update is affine in (x, M_k, z, h): fold the row coefficients into one
-    scalar per operand (a few flops on (B,) vectors), then x_next is K + 1 multiply-adds."""
-    if clip is not None:
-        out = fused_step_ref(x, models, weights, coef, step, noise, hist, clip)
-        return StepOutput(out.x_next, out.x0 if want_x0 else None, out.m if want_m else None)
+    """The CPU path with a step index and weights per row: the row coefficients are folded into
+    (B, 1, ..., 1) tensors first (a few flops on (B,) vectors), then each pass is one multiply-add.
+
+    Without clipping the update is affine in (x, M_k, z, h): x_next is K + 1 passes (+1 for z, +1 for h).
+    With clipping x_0 must exist on its own: m (K passes), x_0 (3: PX x, + PM m, clamp), then
+    x_next = CX x + C0 x_0 + CM m (3), with CX = AX + AE EX, C0 = A0 + AE E0, CM = AE EM."""
     r = _rows(coef, step, x.dim())
     w = weights.t().to(torch.float32).reshape((len(models), x.shape[0]) + (1,) * (x.dim() - 1))
+    xf = x if x.dtype == torch.float32 else x.float()
+    if clip is not None:
+        m = models[0].float() * w[0]
+        for k in range(1, len(models)):
+            m.addcmul_(models[k].float(), w[k])
+        x0 = torch.mul(xf, r[PX]).addcmul_(m, r[PM]).clamp_(-clip, clip)
+        out = torch.mul(x0, r[A0] + r[AE] * r[E0])
+        out.addcmul_(m, r[AE] * r[EM]).addcmul_(xf, r[AX] + r[AE] * r[EX])
+        _add_noise_and_history(out, noise, hist, r[AN], r[AH])
+        return _as_dtype(x.dtype, out, x0 if want_x0 else None, m if want_m else None)
     # x_next = [AX + A0 PX + AE (EX + E0 PX)] x + [A0 PM + AE (EM + E0 PM)] m + AN z + AH h
     cx = r[AX] + r[A0] * r[PX] + r[AE] * (r[EX] + r[E0] * r[PX])
     cm = r[A0] * r[PM] + r[AE] * (r[EM] + r[E0] * r[PM])
-    xf = x if x.dtype == torch.float32 else x.float()
     out = xf * cx
     for k, mk in enumerate(models):
         out.addcmul_(mk if mk.dtype == torch.float32 else mk.float(), cm * w[k])
-    if noise is not None:
-        out.addcmul_(noise.float(), r[AN])
-    if hist is not None:
-        out.addcmul_(hist.float(), r[AH])
+    _add_noise_and_history(out, noise, hist, r[AN], r[AH])
     m = x0 = None
     if want_m or want_x0:
         m = models[0].float() * w[0]
         for k in range(1, len(models)):
             m.addcmul_(models[k].float(), w[k])
     if want_x0:
-        x0 = (xf * r[PX]).addcmul_(m, r[PM]).to(x.dtype)
-    return StepOutput(out.to(x.dtype), x0, m.to(x.dtype) if want_m else None)
+        x0 = (xf * r[PX]).addcmul_(m, r[PM])
+    return _as_dtype(x.dtype, out, x0, m if want_m else None)
+
+
+def _add_noise_and_history(out, noise, hist, an, ah):
+    if noise is not None:
+        out.addcmul_(noise.float(), an)
+    if hist is not None:
+        out.addcmul_(hist.float(), ah)
 
 
 def _fused_step_cpu_scalar(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m):
     """The CPU path when every row shares the step and the weights (one session, or a batch of images
     of one prompt): the folded coefficients are Python floats, so x_next is one multiply and K + 2
-    scaled adds, and no tensor is made for the coefficients. This is the hot path of an edge device."""
-    if clip is not None:
-        weights, step = _as_tensors(x, weights, step)
-        return _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
-    px, pm, ex, em, e0, ax, a0, ae, an, ah = coef[step].tolist()
-    cx = ax + a0 * px + ae * (ex + e0 * px)
-    cm = a0 * pm + ae * (em + e0 * pm)
+    scaled adds (with x_0 clamped: _clipped_scalar), and no tensor is made for the coefficients. This
+    is the hot path of an edge device."""
+    c = _host_row(coef, step)
+    weights = [float(wk) for wk in weights]
     f32 = [t if t is None or t.dtype == torch.float32 else t.float() for t in [x, *models, noise, hist]]
     xf, ms, z, h = f32[0], f32[1:-2], f32[-2], f32[-1]
+    if clip is not None:
+        out = _clipped_scalar(xf, ms, weights, z, h, float(clip), c, want_x0, want_m)
+        if out is None:  # no model output reaches x_0 (PM or every weight is 0): the general per-row path
+            weights, step = _as_tensors(x, weights, step)
+            return _fused_step_cpu(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
+        return _as_dtype(x.dtype, *out)
+    px, pm, ex, em, e0, ax, a0, ae, an, ah = c
+    cx = ax + a0 * px + ae * (ex + e0 * px)
+    cm = a0 * pm + ae * (em + e0 * pm)
     if want_x0 and not want_m and ae * em == 0:
         # A multistep solver needs x_0 anyway: build it once (1 + K passes) and step from it, rather
         # than folding x_next and rebuilding x_0 beside it (2 passes more).
@@ -225,26 +249,94 @@ def _fused_step_cpu_scalar(x, models, weights, coef, step, noise, hist, clip, wa
         for mk, wk in zip(ms, weights):
             x0.add_(mk, alpha=pm * wk)
         out = torch.mul(xf, ax + ae * ex).add_(x0, alpha=a0 + ae * e0)
-        if z is not None and an:
-            out.add_(z, alpha=an)
-        if h is not None and ah:
-            out.add_(h, alpha=ah)
-        return StepOutput(out.to(x.dtype), x0.to(x.dtype), None)
+        _add_scaled(out, z, an)
+        _add_scaled(out, h, ah)
+        return _as_dtype(x.dtype, out, x0, None)
     out = torch.mul(xf, cx)
     for mk, wk in zip(ms, weights):
         out.add_(mk, alpha=cm * wk)
-    if z is not None and an:
-        out.add_(z, alpha=an)
-    if h is not None and ah:
-        out.add_(h, alpha=ah)
+    _add_scaled(out, z, an)
+    _add_scaled(out, h, ah)
     m = x0 = None
     if want_m or want_x0:
         m = torch.mul(ms[0], weights[0])
         for mk, wk in zip(ms[1:], weights[1:]):
             m.add_(mk, alpha=wk)
     if want_x0:
-        x0 = torch.mul(xf, px).add_(m, alpha=pm).to(x.dtype)
-    return StepOutput(out.to(x.dtype), x0, m.to(x.dtype) if want_m else None)
+        x0 = torch.mul(xf, px).add_(m, alpha=pm)
+    return _as_dtype(x.dtype, out, x0, m if want_m else None)
+
+
+def _as_dtype(dtype, *tensors):
+    """StepOutput of float32 results in the latent's dtype (no call at all when it is float32)."""
+    return StepOutput(*(t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors))
+
+
+# Host copies of CPU coefficient tables, read once: id(coef) -> (weak reference, coef._version, coef.tolist()).
+# A memo, not state: a table edited in place (its _version moves) is read again, a freed one drops out.
+# Indexing and tolist() cost about 2 us a step after the passes over the latent have cooled the caches,
+# a tenth of a clipped SD 1.5 step on one core (bench/README.md).
+_HOST_ROWS = {}
+
+
+def _host_row(coef, step):
+    """Row ``step`` of a CPU coefficient table as Python floats."""
+    if coef.is_inference():  # made under torch.inference_mode: no version counter to see an edit by
+        return coef[step].tolist()
+    key = id(coef)
+    hit = _HOST_ROWS.get(key)
+    if hit is None or hit[0]() is not coef or hit[1] != coef._version:
+        hit = (weakref.ref(coef, lambda _, key=key: _HOST_ROWS.pop(key, None)), coef._version, coef.tolist())
+        _HOST_ROWS[key] = hit
+    return hit[2][step]
+
+
+def _add_scaled(out, t, alpha):
+    if t is not None and alpha:
+        out.add_(t, alpha=alpha)
+
+
+def _clipped_scalar(xf, ms, weights, z, h, clip, c, want_x0, want_m):
+    """(x_next, x0, m) in float32 with x_0 clamped, every coefficient a Python float; None when no
+    model output reaches x_0 (the caller takes the general path).
+
+    diffusers' DDIM (clip_sample=True, its default) makes about ten full-size temporaries; this makes
+    two and passes over memory 4 + K times (5 for guidance with epsilon prediction, +1 for a term in x,
+    +1 for z). Two scalings are folded away instead of applied:
+
+      m = s mm,  mm = M_p + sum_{k != p} (w_k / w_p) M_k    s = w_p, the weight of largest |w| (ratios <= 1)
+      x_0 = clamp(PX x + PM m) = q clamp(y, -clip / |q|, clip / |q|),  y = mm + (PX / q) x,  q = PM s
+          (the interval is symmetric, so it holds for either sign of q)
+      x_next = CX x + C0 x_0 + CM m + AN z + AH h = (C0 q) y_c + (CM s) mm + CX x + AN z + AH h
+
+    with CX = AX + AE EX, C0 = A0 + AE E0, CM = AE EM. Each float32 operation rounds once, as the
+    reference's do, in another order: the results agree to float32 rounding, not bit for bit.
+    """
+    px, pm, ex, em, e0, ax, a0, ae, an, ah = c
+    p = max(range(len(ms)), key=lambda k: abs(weights[k]))
+    s = weights[p]
+    q = pm * s
+    if q == 0:
+        return None
+    mm = ms[p]  # an input: never written
+    for k, (mk, wk) in enumerate(zip(ms, weights)):
+        if k != p and wk:
+            mm = torch.add(mm, mk, alpha=wk / s) if mm is ms[p] else mm.add_(mk, alpha=wk / s)
+    lim = clip / abs(q)
+    y = torch.add(mm, xf, alpha=px / q).clamp_(-lim, lim) if px else torch.clamp(mm, -lim, lim)
+    cx, c0, cm = ax + ae * ex, a0 + ae * e0, ae * em
+    x0 = None
+    if want_x0:
+        x0 = y.mul_(q)  # y is ours: scale it in place into x_0
+        out = torch.mul(x0, c0)
+    else:
+        out = y.mul_(c0 * q)  # nothing else reads y_c: x_next accumulates in its memory
+    _add_scaled(out, mm, cm * s)
+    _add_scaled(out, xf, cx)
+    _add_scaled(out, z, an)
+    _add_scaled(out, h, ah)
+    m = (mm * s if mm is ms[p] else mm.mul_(s)) if want_m else None
+    return out, x0, m
 
 
 def _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m):

@@ -6,6 +6,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from latentwire.kernels import ECDiff, FusedSampler, History, Taylor, denoise, lagrange_weights
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled there; interpreted here (conftest.py)
 
 
 def _model(x, i, t):
@@ -15,11 +16,12 @@ def _model(x, i, t):
 
 def _ecdiff_public_loop(scheduler, x, p, k, a, s):
     """EC-Diff's denoising loop transcribed from its public code (model/sd.py), cloud segment only
-    (i < s), with the guided model output given by _model."""
-    cache, gradient = [], None
+    (i < s), with the guided model output given by _model -> (x_0, model calls made)."""
+    cache, gradient, calls = [], None, 0
     for i, t in enumerate(scheduler.timesteps):
         if i < s:
             if i < p or (i + 1 - p) % (k + 1) == 0:
+                calls += 1
                 noise_pred = _model(x, i, int(t))
                 x = scheduler.step(noise_pred, t, x).prev_sample
                 cache.append(noise_pred)
@@ -32,19 +34,24 @@ def _ecdiff_public_loop(scheduler, x, p, k, a, s):
                 x = scheduler.step(noise, t, x).prev_sample
                 cache.append(noise)
         else:
+            calls += 1
             x = scheduler.step(_model(x, i, int(t)), t, x).prev_sample
-    return x
+    return x, calls
 
 
 @pytest.mark.parametrize("p, k, a", [(2, 1, 1.0), (3, 2, 0.8), (4, 4, 1.2), (3, 0, 1.0)])
 @pytest.mark.parametrize("backend", ["cpu", "ref", "triton"])
-def test_ecdiff_matches_its_public_loop(p, k, a, backend):
-    s = DDIMScheduler(**SD)
+@pytest.mark.parametrize("clip_sample", [False, True], ids=["no-clip", "clip"])
+def test_ecdiff_matches_its_public_loop(p, k, a, backend, clip_sample):
+    s = DDIMScheduler(**dict(SD, clip_sample=clip_sample))
     s.set_timesteps(20)
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
     x = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(1))
-    expected = _ecdiff_public_loop(s, x.clone(), p, k, a, s=len(s.timesteps))
-    ours, calls = denoise(FusedSampler(s, backend=backend), x, _model, ECDiff(p, k, a))
-    assert calls == sum(ECDiff(p, k, a).is_real(i) for i in range(20)) < 20 or k == 0
+    expected, public_calls = _ecdiff_public_loop(s, x.clone(), p, k, a, s=len(s.timesteps))
+    ours, calls = denoise(FusedSampler(s, device=device, backend=backend), x.to(device), _model, ECDiff(p, k, a))
+    assert calls == public_calls == sum(ECDiff(p, k, a).is_real(i) for i in range(20))
+    assert calls == 20 if k == 0 else calls < 20  # k = 0 skips nothing; any k > 0 skips some steps
+    ours = ours.cpu()
     assert ((ours - expected).abs().max() / expected.abs().max()).item() <= 1e-5
 
 
