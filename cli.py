@@ -414,7 +414,7 @@ def build_parser():
                    help="with --latent-codec auto: the latent's allowed RMSE, as a share of its std")
     e.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
     e.add_argument("--heartbeat-timeout", type=float, default=10.0,
-                   help="seconds of silence after which the cloud is presumed dead (more than one of its steps)")
+                   help="seconds of silence after which the cloud is presumed dead (it beats during its steps too)")
     e.add_argument("--retries", type=int, default=2, help="times a lost request is sent again (to another worker)")
     e.add_argument("--fallback", action="store_true",
                    help="if the cloud does not answer in time, finish its steps here and mark the result degraded")

@@ -164,9 +164,9 @@ class EdgeClient:
                 request = uuid.uuid4().bytes
                 sock.send_multipart([request] + wire.HealthRequest().to_frames(), copy=False)
                 return asdict(self._await(sock, request, kind=wire.Health))
-            except _Retryable:
+            except _Retryable as e:
                 if attempt == self.retries:
-                    raise
+                    raise CloudUnavailable(f"{e} ({attempt + 1} requests sent)") from None
             finally:
                 self._close(sock)
 
@@ -236,8 +236,10 @@ class EdgeClient:
                 reply = self._await(self._sock, request)
             except (_Retryable, Cancelled) as e:
                 self._abandon(request)
-                if isinstance(e, Cancelled) or attempt == self.retries:
+                if isinstance(e, Cancelled):
                     raise
+                if attempt == self.retries:
+                    raise CloudUnavailable(f"{e} ({attempt + 1} requests sent)") from None
             except CloudUnavailable:
                 self._abandon(request)
                 raise
@@ -301,14 +303,16 @@ class EdgeClient:
             if now >= deadline:
                 raise CloudUnavailable(f"no answer from the cloud at {self.connect} within {self.timeout_s:g} s: "
                                        "is `latentwire cloud` running there, and reachable?")
-            if self.heartbeat_timeout_s is not None and now - heard > self.heartbeat_timeout_s:
-                raise _Retryable(f"the cloud at {self.connect} went silent for {self.heartbeat_timeout_s:g} s "
-                                 "(no heartbeat): it died, or is not running")
             ready = dict(poller.poll(min(POLL_MS, int((deadline - now) * 1000) + 1)))
             reason = self._refused(monitor) if monitor in ready else None
             if reason:
                 raise CloudRefused(f"the cloud at {self.connect} refused this edge: {reason}")
             if sock not in ready:
+                # silence is judged only on an empty socket: replies that waited while this edge was busy
+                # (a slow callback, a starved thread) are read first
+                if self.heartbeat_timeout_s is not None and time.monotonic() - heard > self.heartbeat_timeout_s:
+                    raise _Retryable(f"the cloud at {self.connect} went silent for {self.heartbeat_timeout_s:g} s "
+                                     "(no heartbeat): it died, or is not running")
                 continue
             reply = sock.recv_multipart(copy=False)
             if bytes(reply[0]) != request_id:
@@ -322,7 +326,9 @@ class EdgeClient:
             except (ProtocolError, FieldError) as e:
                 raise CloudError(f"the cloud at {self.connect} sent a malformed reply: {e}") from None
             if isinstance(m, wire.Beat):
-                if m.step != last_step:
+                if not m.running:  # queued behind other sessions: waiting, not slow
+                    last_step, progress = None, heard
+                elif m.step != last_step:
                     last_step, progress, stalled = m.step, heard, False
                 elif (not stalled and self.heartbeat_timeout_s is not None
                       and heard - progress > self.heartbeat_timeout_s):

@@ -169,7 +169,13 @@ class CloudEngine:
                 if not self._inbox and not self._active:
                     self._wake.wait(IDLE_WAIT_S)
                     continue
-            wait = self._turn()
+            try:
+                wait = self._turn()
+            except Exception as e:  # a bug here must not strand the sessions: they end, the engine serves on
+                log.exception("a turn failed")
+                for s in list(self._active):
+                    self._end(s, "error", wire.Error("model", f"the cloud failed: {type(e).__name__}: {e}"))
+                continue
             if wait:
                 with self._lock:
                     if not self._inbox:

@@ -43,6 +43,13 @@ def _run(model, spec, **kw):
                     **kw)
 
 
+def _catch(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:
+        return e
+
+
 def _drain(engine):
     for _ in range(10_000):
         if not engine.turn():
@@ -184,3 +191,55 @@ def test_a_cloud_whose_steps_outlast_the_heartbeat_timeout_is_slow_not_dead(mode
     assert client.attempts == 1 and not summary.degraded  # never taken for dead, never retried
     assert client.stalls >= 2 and all(s > 0.5 for _, s in slow)  # but reported slow, once a step
     assert torch.equal(latent, run_plan(spec, models)[0])
+
+
+def test_an_edge_busy_longer_than_its_heartbeat_timeout_reads_what_waited_before_it_judges_silence(models, tmp_path):
+    bind = f"ipc://{tmp_path}/busy.sock"
+    server = CloudServer(models["cloud"], bind, preview_every=1, heartbeat_s=0.1)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"install_signals": False})
+    thread.start()
+    try:
+        spec = _spec(models["cloud"], make("cloud-only", 6), scheduler="DDIMScheduler")
+        naps = []
+
+        def busy_at_first_preview(step, x):  # the edge's own callback outlasts its heartbeat timeout
+            if not naps:
+                naps.append(step)
+                time.sleep(1.5)
+
+        client = EdgeClient(bind, models["edge"], codecs=EXACT, timeout_s=WAIT_S, heartbeat_timeout_s=0.5, retries=0,
+                            on_preview=busy_at_first_preview)
+        latent, summary = client.generate(spec)  # the handoff waited in the socket: read, not "went silent"
+    finally:
+        server.stop()
+        thread.join(timeout=WAIT_S)
+    assert naps and client.attempts == 1 and torch.equal(latent, run_plan(spec, models)[0])
+
+
+def test_retries_spent_on_a_busy_cloud_end_in_a_public_error_that_says_so(models, tmp_path):
+    from latentwire.scheduler.edge import CloudUnavailable
+
+    bind = f"ipc://{tmp_path}/full.sock"
+    server = CloudServer(_Slow(models["cloud"], 0.05), bind, limits=ServingLimits(max_sessions=1))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"install_signals": False})
+    thread.start()
+    try:
+        long = EdgeClient(bind, models["edge"], timeout_s=WAIT_S)
+        outcome = []
+        runner = threading.Thread(target=lambda: outcome.append(_catch(long.generate,
+                                                                        _spec(models["cloud"], make("cloud-only", 200)))))
+        runner.start()
+        deadline = time.monotonic() + WAIT_S
+        while EdgeClient(bind, None, timeout_s=WAIT_S).health()["jobs"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        other = EdgeClient(bind, models["edge"], timeout_s=WAIT_S, retries=1, sleep=lambda s: None)
+        with pytest.raises(CloudUnavailable, match=r"--max-sessions.*\(2 requests sent\)") as e:
+            other.generate(_spec(models["cloud"], make("cloud-only", 2)))
+        assert type(e.value) is CloudUnavailable and other.attempts == 2
+        long.cancel()
+        runner.join(timeout=WAIT_S)
+        assert type(outcome[0]).__name__ == "Cancelled"
+    finally:
+        server.stop()
+        thread.join(timeout=WAIT_S)
