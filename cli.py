@@ -11,7 +11,7 @@ def _codecs(args):
 
 
 def _keys(args):
-    from latentwire.scheduler.security import write_keys
+    from latentwire.scheduler.serving.security import write_keys
 
     public, secret = write_keys(args.dir, args.name)
     print(f"wrote {public} (public: give it to the other side) and {secret} (secret: keep it)")
@@ -59,7 +59,7 @@ def _check_device(who, device):
 
 def _cloud(args):
     from latentwire.scheduler import logs
-    from latentwire.scheduler.security import KeyError_, is_loopback
+    from latentwire.scheduler.serving.security import KeyError_, is_loopback
 
     if args.connect and args.workers:
         raise SystemExit("latentwire cloud: --workers starts its own broker; --connect makes this a worker of another")
@@ -69,7 +69,7 @@ def _cloud(args):
     logs.configure()
     if args.workers:
         return _pool(args)
-    from latentwire.scheduler.cloud import CloudServer
+    from latentwire.scheduler.serving.cloud import CloudServer
     from latentwire.scheduler.limits import ServingLimits
     from latentwire.scheduler.metrics import Metrics
 
@@ -102,8 +102,8 @@ def _cloud(args):
 
 
 def _pool(args):
-    from latentwire.scheduler.broker import Pool
-    from latentwire.scheduler.security import KeyError_
+    from latentwire.scheduler.serving.broker import Pool
+    from latentwire.scheduler.serving.security import KeyError_
 
     if not args.threads:  # N workers with every core's worth of threads each would spin against each other
         import os
@@ -127,8 +127,8 @@ def _pool(args):
 
 def _broker(args):
     from latentwire.scheduler import logs
-    from latentwire.scheduler.broker import Broker
-    from latentwire.scheduler.security import KeyError_
+    from latentwire.scheduler.serving.broker import Broker
+    from latentwire.scheduler.serving.security import KeyError_
 
     logs.configure()
     try:
@@ -154,7 +154,7 @@ def _broker(args):
 def _health(args):
     import json
 
-    from latentwire.scheduler.edge import CloudUnavailable, EdgeClient
+    from latentwire.scheduler.serving.edge import CloudUnavailable, EdgeClient
 
     client = EdgeClient(args.connect, None, timeout_s=args.timeout, curve_secret=args.curve_secret,
                         server_key=args.server_key)
@@ -251,7 +251,7 @@ def _edge(args):
     import time
 
     from latentwire.scheduler import SessionSpec
-    from latentwire.scheduler.edge import CloudError, CloudUnavailable, EdgeClient, summary_dict
+    from latentwire.scheduler.serving.edge import CloudError, CloudUnavailable, EdgeClient, summary_dict
     from latentwire.scheduler.wire import Codecs
 
     if (args.curve_secret is None) != (args.server_key is None):
@@ -263,7 +263,7 @@ def _edge(args):
     spec = SessionSpec(prompt=args.prompt, negative_prompt=args.negative_prompt, plan=plan,
                        scheduler=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
                        guidance_scale=args.guidance, seed=args.seed)
-    from latentwire.scheduler.link import parse_link
+    from latentwire.scheduler.serving.link import parse_link
 
     link = parse_link(args.link) if args.link else None
     if args.latent_codec == "auto" and link is None:

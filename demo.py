@@ -30,7 +30,7 @@ SCENE_STRIDE = 7
 
 def start_cloud(bind, cloud):
     """`latentwire cloud` in its own process, ready when it says so -> Popen."""
-    from latentwire.scheduler.process import wait_ready
+    from latentwire.scheduler.serving.process import wait_ready
 
     cmd = [sys.executable, "-m", "latentwire.cli", "cloud", "--bind", bind, "--threads", "1"]
     if cloud == "ideal":
@@ -78,7 +78,7 @@ def run(out="demo-out", cloud="trained", prompts=PROMPTS, steps=STEPS, log=print
     from latentwire.pipelines.embedded import EDGE_PATH
     from latentwire.pipelines.sd import StableDiffusionModel
     from latentwire.scheduler import make
-    from latentwire.scheduler.edge import EdgeClient
+    from latentwire.scheduler.serving.edge import EdgeClient
 
     torch.set_num_threads(1)  # the cloud has the other core
     out = Path(out)

@@ -23,8 +23,8 @@ import torch
 from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make
-from latentwire.scheduler.edge import EdgeClient
-from latentwire.scheduler.process import wait_ready
+from latentwire.scheduler.serving.edge import EdgeClient
+from latentwire.scheduler.serving.process import wait_ready
 
 PLANS = [("cloud-only", {}), ("edge-only", {}), ("hybrid-sd", {}), ("ec-diff", {"p": 3, "k": 1}),
          ("preview-refine", {"strength": 0.5})]
@@ -86,7 +86,7 @@ def main(argv=None):
                       f"{summary.cloud_model_calls} | {summary.edge_model_calls} | {summary.forecast_steps} | "
                       f"{saved} | {rel(latent, reference):.3e} |")
             print("\n## Per emulated link (wall s, median of repeats; latent codec chosen for the link)\n")
-            from latentwire.scheduler.link import PROFILES
+            from latentwire.scheduler.serving.link import PROFILES
             print("| plan | " + " | ".join(PROFILES) + " |")
             print("| --- |" + " ---: |" * len(PROFILES))
             for name, params in PLANS:

@@ -99,7 +99,7 @@ def _stop(proc):
 
 def split_run(out, device, dtype, image):
     """One cloud daemon and one edge run on ``device`` in ``dtype`` -> a dict for split.json."""
-    from latentwire.scheduler.process import wait_ready
+    from latentwire.scheduler.serving.process import wait_ready
 
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     flags = ["--device", device, "--dtype", dtype]

@@ -13,7 +13,7 @@ import platform
 import torch
 
 from latentwire.protocol.samples import mixture, noise
-from latentwire.scheduler.link import CANDIDATES, DEFAULT_ERROR_BUDGET, PROFILES, choose_codec, measure_codecs
+from latentwire.scheduler.serving.link import CANDIDATES, DEFAULT_ERROR_BUDGET, PROFILES, choose_codec, measure_codecs
 
 SHAPES = {"SD1.5": (1, 4, 64, 64), "SDXL": (1, 4, 128, 128)}
 

@@ -28,7 +28,7 @@ import daemons  # noqa: E402  (the tests' daemon starter: real processes, logs t
 from latentwire.pipelines.sd import StableDiffusionModel  # noqa: E402
 from latentwire.pipelines.tiny import save_tiny_pair  # noqa: E402
 from latentwire.scheduler import SessionSpec, make  # noqa: E402
-from latentwire.scheduler.edge import EdgeClient  # noqa: E402
+from latentwire.scheduler.serving.edge import EdgeClient  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
 

@@ -27,7 +27,7 @@ import daemons  # noqa: E402
 from latentwire.pipelines.sd import StableDiffusionModel  # noqa: E402
 from latentwire.pipelines.tiny import save_tiny_pair  # noqa: E402
 from latentwire.scheduler import SessionSpec, make, run_plan  # noqa: E402
-from latentwire.scheduler.edge import EdgeClient  # noqa: E402
+from latentwire.scheduler.serving.edge import EdgeClient  # noqa: E402
 from latentwire.scheduler.wire import Codecs  # noqa: E402
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]

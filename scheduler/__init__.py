@@ -1,7 +1,7 @@
 """Split plans and the runners that carry one generation across an edge and a cloud process.
 
 Names are imported on first use (PEP 562), so that `latentwire keys` and the other commands that need no
-model reach ``latentwire.scheduler.security`` without importing torch.
+model reach ``latentwire.scheduler.serving.security`` without importing torch.
 """
 import importlib
 

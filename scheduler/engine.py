@@ -1,6 +1,6 @@
 """The cloud's engine: admission, step-level batching and stepping, with no sockets.
 
-A serving stack drives it from Python; the ZeroMQ daemon (scheduler/cloud.py) is one front end on it:
+A serving stack drives it from Python; the ZeroMQ daemon (scheduler/serving/cloud.py) is one front end on it:
 
     engine = CloudEngine(model, max_batch=8)
     ticket = engine.submit(run, emit=events.append)   # a wire.Run; raises Refused with a wire.Error

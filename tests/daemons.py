@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from latentwire.scheduler.process import wait_ready
+from latentwire.scheduler.serving.process import wait_ready
 
 CLI = str(Path(sys.executable).with_name("latentwire"))
 READY_TIMEOUT_S = 120  # the daemon imports torch, diffusers and transformers (and a pool: N workers) first

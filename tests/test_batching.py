@@ -9,8 +9,8 @@ import torch
 from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make
-from latentwire.scheduler.cloud import CloudServer
-from latentwire.scheduler.edge import EdgeClient
+from latentwire.scheduler.serving.cloud import CloudServer
+from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.wire import Codecs
 
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
@@ -115,7 +115,7 @@ class _FailsOn:
 
 @pytest.mark.parametrize("max_batch", [1, 4])
 def test_a_failing_model_call_ends_that_session_and_the_cloud_serves_on(models, tmp_path, max_batch):
-    from latentwire.scheduler.edge import CloudError
+    from latentwire.scheduler.serving.edge import CloudError
 
     cloud, edge = models
     server = CloudServer(_FailsOn(cloud, "poison"), f"ipc://{tmp_path}/f.sock", max_batch=max_batch)

@@ -11,7 +11,7 @@ from PIL import Image
 
 import daemons
 from latentwire import demo
-from latentwire.scheduler.process import wait_ready
+from latentwire.scheduler.serving.process import wait_ready
 
 PLANS = ["cloud-only", "edge-only", "hybrid-sd", "ec-diff", "preview-refine"]
 

@@ -12,7 +12,7 @@ import torch
 from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make, run_plan, wire
-from latentwire.scheduler.edge import EdgeClient
+from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.wire import Codecs
 
 CLI = daemons.CLI

@@ -11,8 +11,8 @@ import torch
 from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.scheduler import Plan, Segment, SessionSpec, make, run_plan, wire
-from latentwire.scheduler.cloud import CloudServer
-from latentwire.scheduler.edge import EdgeClient
+from latentwire.scheduler.serving.cloud import CloudServer
+from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.engine import CloudEngine, Refused
 from latentwire.scheduler.limits import ServingLimits
 
@@ -217,7 +217,7 @@ def test_an_edge_busy_longer_than_its_heartbeat_timeout_reads_what_waited_before
 
 
 def test_retries_spent_on_a_busy_cloud_end_in_a_public_error_that_says_so(models, tmp_path):
-    from latentwire.scheduler.edge import CloudUnavailable
+    from latentwire.scheduler.serving.edge import CloudUnavailable
 
     bind = f"ipc://{tmp_path}/full.sock"
     server = CloudServer(_Slow(models["cloud"], 0.05), bind, limits=ServingLimits(max_sessions=1))

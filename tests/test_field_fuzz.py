@@ -20,7 +20,7 @@ from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.protocol.header import pack_header
 from latentwire.scheduler import SessionSpec, make, run_plan, wire
-from latentwire.scheduler.edge import EdgeClient
+from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.wire import Codecs
 
 EXAMPLES = 1000

@@ -6,9 +6,9 @@ import torch
 
 from latentwire.protocol.samples import mixture
 from latentwire.scheduler import SessionSpec, make
-from latentwire.scheduler.cloud import CloudServer
-from latentwire.scheduler.edge import EdgeClient
-from latentwire.scheduler.link import PROFILES, CodecCost, Link, choose_codec, measure_codecs, parse_link
+from latentwire.scheduler.serving.cloud import CloudServer
+from latentwire.scheduler.serving.edge import EdgeClient
+from latentwire.scheduler.serving.link import PROFILES, CodecCost, Link, choose_codec, measure_codecs, parse_link
 
 
 def test_transfer_time_is_latency_plus_bytes_over_bandwidth():

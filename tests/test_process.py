@@ -1,5 +1,5 @@
-"""Child processes as the daemons' parents run them: wait_ready (scheduler/process.py) on real children, and a
-worker pool (scheduler/broker.py) whose worker prints far more than a pipe holds after its ready line."""
+"""Child processes as the daemons' parents run them: wait_ready (scheduler/serving/process.py) on real children, and a
+worker pool (scheduler/serving/broker.py) whose worker prints far more than a pipe holds after its ready line."""
 import logging
 import subprocess
 import sys
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from latentwire.scheduler.broker import Pool
-from latentwire.scheduler.process import wait_ready
+from latentwire.scheduler.serving.broker import Pool
+from latentwire.scheduler.serving.process import wait_ready
 
 TIMEOUT_S = 20  # what a test gives wait_ready when it should answer long before
 QUICK_S = 5  # "at once": well inside TIMEOUT_S, with room for a slow, shared machine

@@ -10,8 +10,8 @@ import pytest
 from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make
-from latentwire.scheduler.edge import CloudRefused, CloudUnavailable, EdgeClient
-from latentwire.scheduler.security import KeyError_, write_keys
+from latentwire.scheduler.serving.edge import CloudRefused, CloudUnavailable, EdgeClient
+from latentwire.scheduler.serving.security import KeyError_, write_keys
 
 CLI = daemons.CLI
 TIMEOUT_S = 30

@@ -19,8 +19,8 @@ from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.protocol import wire_bytes
 from latentwire.scheduler import SessionSpec, make, run_plan, wire
-from latentwire.scheduler.cloud import CloudServer
-from latentwire.scheduler.edge import Cancelled, CloudError, CloudUnavailable, EdgeClient
+from latentwire.scheduler.serving.cloud import CloudServer
+from latentwire.scheduler.serving.edge import Cancelled, CloudError, CloudUnavailable, EdgeClient
 from latentwire.scheduler.limits import ServingLimits
 from latentwire.scheduler.logs import JsonFormatter
 from latentwire.scheduler.wire import Codecs
@@ -313,7 +313,7 @@ def test_a_fuzzed_daemon_stays_up_and_answers_the_next_valid_request_correctly(p
 
 
 def test_the_per_client_limit_counts_a_curve_key_across_connections(models, tmp_path):
-    from latentwire.scheduler.security import write_keys
+    from latentwire.scheduler.serving.security import write_keys
 
     for name in ("server", "alice"):
         write_keys(tmp_path / "keys", name)

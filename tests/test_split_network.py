@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make, run_plan
-from latentwire.scheduler.edge import CloudError, CloudUnavailable, EdgeClient
+from latentwire.scheduler.serving.edge import CloudError, CloudUnavailable, EdgeClient
 from latentwire.scheduler.wire import Codecs
 
 CLI = daemons.CLI

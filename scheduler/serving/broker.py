@@ -27,7 +27,7 @@ import time
 
 import zmq
 
-from .logs import fields
+from ..logs import fields
 from .process import wait_ready
 from .security import KeyError_, is_loopback, serve_curve
 

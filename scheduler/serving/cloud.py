@@ -13,7 +13,7 @@ SIGTERM (or ``stop()``) refuses new requests with `unavailable` (the edge retrie
 those in flight, then returns.
 
 The server either binds a ROUTER (one daemon, edges connect to it) or connects a DEALER to a broker's
-backend (scheduler/broker.py: several workers behind one endpoint); both see [edge id, request id,
+backend (scheduler/serving/broker.py: several workers behind one endpoint); both see [edge id, request id,
 frames...] and reply the same way.
 """
 import logging
@@ -26,12 +26,12 @@ import zmq
 
 from latentwire.protocol import ProtocolError, wire_bytes
 
-from . import wire
-from .engine import CloudEngine, Refused
-from .fields import FieldError
-from .limits import DEFAULT_SERVING_LIMITS
-from .logs import fields
-from .metrics import Metrics
+from .. import wire
+from ..engine import CloudEngine, Refused
+from ..fields import FieldError
+from ..limits import DEFAULT_SERVING_LIMITS
+from ..logs import fields
+from ..metrics import Metrics
 from .security import KeyError_, connect_curve, is_loopback, serve_curve
 
 POLL_MS = 100  # the longest the I/O loop sleeps before it looks at its stop flag and its beats

@@ -13,12 +13,12 @@ import zmq
 from latentwire.kernels import FusedSampler, SolverState
 from latentwire.protocol import ProtocolError, wire_bytes
 
-from . import wire
-from .executor import Summary, initial_noise, model_device, on_model, stretches
-from .fields import FieldError
-from .plan import Segment
+from .. import wire
+from ..executor import Summary, initial_noise, model_device, on_model, stretches
+from ..fields import FieldError
+from ..plan import Segment
 from .security import connect_curve
-from .segments import SegmentRun, drive
+from ..segments import SegmentRun, drive
 
 DEFAULT_TIMEOUT_S = 120.0  # a whole cloud segment on a real model; tests pass their own
 DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0  # the cloud beats every second, during model steps too
