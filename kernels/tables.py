@@ -1,5 +1,6 @@
 """Which coefficient table serves a configured diffusers scheduler."""
-from . import table_ddim, table_ddpm, table_dpmpp_2m, table_euler, table_euler_ancestral, table_flow_euler
+from . import (table_cogvideox_ddim, table_ddim, table_ddpm, table_dpmpp_2m, table_euler, table_euler_ancestral,
+               table_flow_euler, table_lcm)
 from .step_table import UnsupportedScheduler
 
 BUILDERS = {
@@ -9,11 +10,14 @@ BUILDERS = {
     "EulerAncestralDiscreteScheduler": table_euler_ancestral.table,
     "DPMSolverMultistepScheduler": table_dpmpp_2m.table,
     "FlowMatchEulerDiscreteScheduler": table_flow_euler.table,
+    "LCMScheduler": table_lcm.table,
+    "CogVideoXDDIMScheduler": table_cogvideox_ddim.table,
 }
 
 
 def table_for(scheduler, **options):
-    """StepTable of ``scheduler`` (after ``set_timesteps``). options: DDIM's eta, use_clipped_model_output."""
+    """StepTable of ``scheduler`` (after ``set_timesteps``). options: DDIM's eta, use_clipped_model_output
+    (CogVideoXDDIMScheduler takes them too, at eta=0 and False only: its step ignores both)."""
     name = type(scheduler).__name__
     if name not in BUILDERS:
         raise UnsupportedScheduler(f"{name} is not supported by the fused step; supported: {', '.join(BUILDERS)}")
