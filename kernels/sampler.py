@@ -13,9 +13,48 @@ class SolverState:
 
     x0_prev: DPM-Solver++'s previous data prediction x_0 (B, ...), or None before the first step (a
     multistep solver with no history takes a first-order step, as diffusers' does at step 0).
+    ets: PLMS's previous (guided) model outputs, oldest first, each (B, ...).
+    sample: PLMS's latent at the step its second step restarts from, or None.
+
+    An empty state (the default) is a solver's state before its first step. ``tensors()`` names what
+    travels (the protocol's ``solver/<name>`` tensors); ``from_tensors`` is its inverse.
     """
 
     x0_prev: torch.Tensor = None
+    ets: tuple = ()
+    sample: torch.Tensor = None
+
+    MAX_ETS = 3  # PLMS's fourth-order formula uses the three outputs before the current one
+
+    def tensors(self):
+        """{name: tensor} of what this state holds: 'x0_prev', 'ets.0'.. (oldest first), 'sample'."""
+        out = {} if self.x0_prev is None else {"x0_prev": self.x0_prev}
+        out.update({f"ets.{i}": e for i, e in enumerate(self.ets)})
+        if self.sample is not None:
+            out["sample"] = self.sample
+        return out
+
+    @classmethod
+    def from_tensors(cls, named):
+        """The inverse of tensors(); a ValueError names a tensor that no state holds."""
+        named = dict(named)
+        ets = []
+        while f"ets.{len(ets)}" in named:
+            ets.append(named.pop(f"ets.{len(ets)}"))
+        if len(ets) > cls.MAX_ETS:
+            raise ValueError(f"a solver state holds at most {cls.MAX_ETS} PLMS outputs (ets.0..ets.{cls.MAX_ETS - 1}), "
+                             f"got {len(ets)}")
+        x0_prev, sample = named.pop("x0_prev", None), named.pop("sample", None)
+        if named:
+            raise ValueError(f"unknown solver state tensors {sorted(named)}: a state holds x0_prev, ets.0.. and sample")
+        return cls(x0_prev=x0_prev, ets=tuple(ets), sample=sample)
+
+    def map(self, fn):
+        """The same state with fn applied to each tensor (moving it to a device, say)."""
+        return SolverState.from_tensors({k: fn(v) for k, v in self.tensors().items()})
+
+    def __bool__(self):
+        return bool(self.tensors())
 
 
 def noise_levels(scheduler):

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from latentwire.kernels import FusedSampler, SolverState
+from latentwire.kernels import FusedSampler
 
 from . import wire
 from .executor import initial_noise, model_device, on_model
@@ -321,7 +321,8 @@ class CloudEngine:
                 raise wire.FieldError(what, theirs, f"this cloud's model's {what.replace('_', ' ')} {ours}: a "
                                                     "handoff needs both models the same")
         expected = (1, *model.latent_shape) if hasattr(model, "latent_shape") else None
-        for name, tensor in (("latent", request.latent), ("solver/x0_prev", request.x0_prev)):
+        state_tensors = {} if request.state is None else request.state.tensors()
+        for name, tensor in (("latent", request.latent), *((f"solver/{k}", v) for k, v in state_tensors.items())):
             if tensor is None:
                 continue
             if expected is not None and tuple(tensor.shape) != expected:
@@ -339,8 +340,8 @@ class CloudEngine:
         if x is None:
             x = initial_noise(model, spec.seed, sampler.scheduler)
         state = None
-        if request.x0_prev is not None and not spec.restart_solver:
-            state = SolverState(on_model(model, request.x0_prev))
+        if request.state is not None and not spec.restart_solver:
+            state = request.state.map(lambda t: on_model(model, t))
         s.last_segment = b == len(plan.segments)
         s.run = SegmentRun(spec, plan.segments[a:b], sampler, conditioning, x, state, callback=self._callback(s))
 
@@ -356,12 +357,11 @@ class CloudEngine:
     def _handoff(self, s):
         spec, run = s.spec, s.run
         # the edge needs the solver state only if it runs steps after these and does not restart
-        send_state = run.state is not None and run.state.x0_prev is not None and not s.last_segment \
-            and not spec.restart_solver
+        send_state = bool(run.state) and not s.last_segment and not spec.restart_solver
         step = run.step
         timesteps = run.sampler.timesteps
         timestep = float(timesteps[step]) if step < len(timesteps) else -1.0  # -1: the schedule is done
-        return wire.Handoff(run.x, step, timestep, spec.seed, run.state.x0_prev if send_state else None,
+        return wire.Handoff(run.x, step, timestep, spec.seed, run.state if send_state else None,
                             run.calls, run.forecasts, self.worker)
 
     def _end(self, s, outcome, event, opened=True):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latentwire.kernels import FusedSampler, SolverState
+from latentwire.kernels import FusedSampler
 
 from .plan import PlanError
 from .segments import SegmentRun, drive
@@ -93,7 +93,7 @@ def run_plan(spec, models):
             samplers[side] = FusedSampler(scheduler, device=model_device(model))
             conditioning[side] = model.encode_prompt(spec.prompt, spec.negative_prompt)
         x = initial_noise(model, spec.seed, scheduler) if x is None else on_model(model, x)
-        state = None if state is None else SolverState(on_model(model, state.x0_prev))
+        state = None if state is None else state.map(lambda t: on_model(model, t))
         run = drive(SegmentRun(spec, plan.segments[a:b], samplers[side], conditioning[side], x, state), model)
         x, state = run.x, run.state
         setattr(summary, f"{side}_model_calls", getattr(summary, f"{side}_model_calls") + run.calls)

@@ -2,14 +2,14 @@
 
     edge -> cloud   run      Run: session (SessionSpec), segments [a, b), session_id, deadline_s, codecs,
                              latent_space, text_space; tensors latent (absent: the cloud draws x_T from the
-                             seed) and solver/x0_prev
+                             seed) and the solver state, solver/<name> (x0_prev, ets.0.., sample)
     edge -> cloud   cancel   Cancel: drop the request with this id at its next step boundary (no reply)
     edge -> cloud   health   HealthRequest -> Health
     cloud -> edge   beat     Beat: step, running; every heartbeat interval while the request is queued or
                              running, whether or not a step ends meanwhile
     cloud -> edge   preview  Preview: step, worker (pid); tensor latent (every `preview_every` steps)
     cloud -> edge   handoff  Handoff: the protocol's own handoff message (SPEC.md section 10): latent,
-                             solver/x0_prev, step_index, timestep, seed; extra: model_calls, forecast_steps,
+                             solver/<name>, step_index, timestep, seed; extra: model_calls, forecast_steps,
                              worker
     cloud -> edge   error    Error: code (refused | limit | busy | deadline | model | unavailable), message,
                              field (the offending field's dotted path, or nil)
@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from latentwire.kernels.sampler import SolverState
 from latentwire.protocol import (CODECS, Handoff as ProtocolHandoff, ProtocolError, decode_handoff,
                                  decode_message, encode_handoff, encode_message)
 from latentwire.protocol.header import unpack_header
@@ -33,8 +34,7 @@ from .fields import (FieldError, need_bool, need_int, need_list, need_map, need_
 from .plan import MAX_STEPS
 from .session import SessionSpec
 
-LATENT, STATE_NAME = "latent", "x0_prev"
-STATE = "solver/" + STATE_NAME
+LATENT, SOLVER = "latent", "solver/"  # the protocol's tensor names (SPEC.md section 10)
 REQUESTS = ("run", "cancel", "health")
 REPLIES = ("beat", "preview", "handoff", "error", "health")
 CODES = ("refused", "limit", "busy", "deadline", "model", "unavailable")
@@ -84,13 +84,13 @@ class Run:
     latent_space: list = None  # the edge's model's, as plain values: the cloud checks its own against them
     text_space: list = None
     latent: torch.Tensor = None
-    x0_prev: torch.Tensor = None
+    state: SolverState = None
 
     def to_frames(self):
         meta = {"kind": "run", "session": self.session.to_plain(), "segments": list(self.segments),
                 "session_id": self.session_id, "deadline_s": self.deadline_s, "codecs": self.codecs.to_meta(),
                 "latent_space": plain(self.latent_space), "text_space": plain(self.text_space)}
-        return _frames(meta, self.latent, self.x0_prev, self.codecs.latent, self.codecs.state)
+        return _frames(meta, self.latent, self.state, self.codecs.latent, self.codecs.state)
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,7 @@ def parse_request(frames, limits=None, max_steps=MAX_STEPS):
             raise FieldError("tensors", sorted(m.tensors), f"none: a {kind} request carries no tensors")
         return Cancel() if kind == "cancel" else HealthRequest()
     meta = need_map("meta", m.meta, len(RUN_FIELDS), required=("kind", "session", "segments"), optional=RUN_FIELDS)
-    extra = sorted(set(m.tensors) - {LATENT, STATE})
-    if extra:
-        raise FieldError(f"tensors.{extra[0]}", extra[0], f"one of {LATENT!r}, {STATE!r}")
+    state = _state(m.tensors)
     session = SessionSpec.from_plain(meta["session"], "session", max_steps)
     a, b = need_list("segments", meta["segments"], 2, 2)
     a, b = need_int("segments.0", a, 0, len(session.plan.segments) - 1), need_int("segments.1", b, 1, len(session.plan.segments))
@@ -143,7 +141,7 @@ def parse_request(frames, limits=None, max_steps=MAX_STEPS):
         spaces[name] = value
     return Run(session=session, segments=(a, b), session_id=need_str("session_id", meta.get("session_id", ""), MAX_ID_CHARS),
                deadline_s=deadline, codecs=Codecs.from_meta(meta.get("codecs", {})), **spaces,
-               latent=m.tensors.get(LATENT), x0_prev=m.tensors.get(STATE))
+               latent=m.tensors.get(LATENT), state=state)
 
 
 # -- replies --------------------------------------------------------------------------------------------
@@ -176,14 +174,14 @@ class Handoff:
     step_index: int
     timestep: float
     seed: int
-    x0_prev: torch.Tensor = None
+    state: SolverState = None
     model_calls: int = 0
     forecast_steps: int = 0
     worker: int = 0
 
     def to_frames(self, codecs):
         h = ProtocolHandoff(latent=self.latent, step_index=self.step_index, timestep=float(self.timestep),
-                            seed=self.seed, solver_state={} if self.x0_prev is None else {STATE_NAME: self.x0_prev},
+                            seed=self.seed, solver_state={} if self.state is None else _wire_tensors(self.state),
                             extra={"model_calls": self.model_calls, "forecast_steps": self.forecast_steps,
                                    "worker": self.worker})
         return encode_handoff(h, latent_codec=codecs.latent, state_codec=codecs.state)
@@ -219,11 +217,11 @@ def parse_reply(frames, limits=None):
     if kind == "handoff":
         h = decode_handoff(frames, limits=limits) if limits is not None else decode_handoff(frames)
         extra = need_map("extra", h.extra, 3, required=("model_calls", "forecast_steps", "worker"))
-        unknown = sorted(set(h.solver_state) - {STATE_NAME})
-        if unknown or h.history:
-            raise FieldError("tensors", unknown or "history", f"only {STATE!r} besides the latent")
+        if h.history:
+            raise FieldError("tensors.history", len(h.history), "no forecaster history (none travels in a handoff)")
+        state = _state({SOLVER + k: v for k, v in h.solver_state.items()}, with_latent=False)
         return Handoff(h.latent, need_int("step_index", h.step_index, 0, MAX_STEPS), h.timestep,
-                       need_int("seed", h.seed, 0), h.solver_state.get(STATE_NAME),
+                       need_int("seed", h.seed, 0), state,
                        need_int("extra.model_calls", extra["model_calls"], 0, MAX_STEPS),
                        need_int("extra.forecast_steps", extra["forecast_steps"], 0, MAX_STEPS),
                        need_int("extra.worker", extra["worker"], 0))
@@ -258,9 +256,30 @@ def _frames(meta, latent, state, latent_codec, state_codec):
     tensors, chosen = {}, {}
     if latent is not None:
         tensors[LATENT], chosen[LATENT] = _wire_tensor(latent), tuple(latent_codec)
-    if state is not None:
-        tensors[STATE], chosen[STATE] = _wire_tensor(state), tuple(state_codec)
+    for name, t in ({} if state is None else _wire_tensors(state)).items():
+        tensors[SOLVER + name], chosen[SOLVER + name] = t, tuple(state_codec)
     return encode_message(tensors, meta, codecs=chosen)
+
+
+def _wire_tensors(state):
+    return {name: _wire_tensor(t) for name, t in state.tensors().items()}
+
+
+def _state(tensors, with_latent=True):
+    """The SolverState of a message's solver/<name> tensors (None if it has none); any other tensor but
+    the latent is refused by name."""
+    named = {}
+    for name, t in tensors.items():
+        if name == LATENT and with_latent:
+            continue
+        if not name.startswith(SOLVER):
+            raise FieldError(f"tensors.{name}", name, f"{LATENT!r} or a solver state tensor {SOLVER}<name>")
+        named[name[len(SOLVER):]] = t
+    try:
+        state = SolverState.from_tensors(named)
+    except ValueError as e:
+        raise FieldError.because("tensors", str(e)) from None
+    return state if state else None
 
 
 def _wire_tensor(t):

@@ -9,6 +9,7 @@ import daemons
 import pytest
 import torch
 
+from latentwire.kernels import SolverState
 from latentwire.pipelines.sd import StableDiffusionModel
 from latentwire.pipelines.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make, run_plan, wire
@@ -69,7 +70,7 @@ def test_what_crosses_the_wire_does_not_depend_on_the_tensors_device_or_layout()
     strided = x.transpose(2, 3).contiguous().transpose(2, 3)
     assert not strided.is_contiguous() and torch.equal(strided, x)
     assert [bytes(f) for f in wire.Run(spec, (0, 1), latent=strided).to_frames()] == [bytes(f) for f in frames]
-    h = wire.Handoff(x, 1, 500.0, 4, x.float(), 1, 0, 7)
+    h = wire.Handoff(x, 1, 500.0, 4, SolverState(x0_prev=x.float()), 1, 0, 7)
     back = wire.parse_reply(h.to_frames(EXACT))
     assert torch.equal(back.latent, x) and back.latent.dtype == torch.bfloat16 and back.worker == 7
 

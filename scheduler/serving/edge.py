@@ -10,7 +10,7 @@ from dataclasses import asdict
 
 import zmq
 
-from latentwire.kernels import FusedSampler, SolverState
+from latentwire.kernels import FusedSampler
 from latentwire.protocol import ProtocolError, wire_bytes
 
 from .. import wire
@@ -245,7 +245,7 @@ class EdgeClient:
                 raise
             else:
                 self._check_handoff(reply, spec, b)
-                state = SolverState(on_model(self.model, reply.x0_prev)) if reply.x0_prev is not None else None
+                state = None if reply.state is None else reply.state.map(lambda t: on_model(self.model, t))
                 return on_model(self.model, reply.latent), state, reply.model_calls, reply.forecast_steps
 
     def _check_handoff(self, reply, spec, b):
@@ -277,7 +277,7 @@ class EdgeClient:
                        codecs=self.codecs,
                        # the cloud checks its model against these before it runs anything
                        latent_space=wire.plain(self.model.latent_space), text_space=wire.plain(self.model.text_space),
-                       latent=x, x0_prev=state.x0_prev if state is not None and not spec.restart_solver else None)
+                       latent=x, state=state if state and not spec.restart_solver else None)
         frames = run.to_frames()
         self.bytes_up += wire_bytes(frames)
         if self.link is not None:
