@@ -209,11 +209,29 @@ def _check_image_path(path):
 
 def _plan(args):
     """The plan the flags describe (--plan NAME, --steps and the plan's own parameters)."""
-    from latentwire.scheduler import make
+    from latentwire.scheduler import PlanError, make
 
     params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
                                 ("strength", args.strength)) if v is not None}
-    return make(args.plan, args.steps, **params)
+    try:
+        return make(args.plan, args.steps, **params)
+    except PlanError as e:
+        raise SystemExit(f"latentwire: {e}") from None
+
+
+def _session(args, model):
+    """The edge's SessionSpec from its flags (SessionSpec.for_model); anything the fused step cannot run is a
+    clear exit, before the cloud is asked."""
+    from latentwire.scheduler import SessionSpec
+
+    params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
+                                ("strength", args.strength)) if v is not None}
+    try:
+        return SessionSpec.for_model(model, args.prompt, plan=args.plan, steps=args.steps, scheduler=args.scheduler,
+                                     plan_params=params, negative_prompt=args.negative_prompt,
+                                     guidance_scale=args.guidance, seed=args.seed)
+    except ValueError as e:  # PlanError, UnsupportedScheduler, an unknown scheduler class
+        raise SystemExit(f"latentwire edge: {e}") from None
 
 
 def _eval(args):
@@ -258,11 +276,8 @@ def _edge(args):
         raise SystemExit("latentwire edge: CURVE needs both --curve-secret CLIENT.key_secret and --server-key SERVER.key")
     _check_image_path(args.out)
     model = _load(args.model, "edge", args.device, args.dtype)
-    plan = _plan(args)
-    scheduler = model.make_scheduler()
-    spec = SessionSpec(prompt=args.prompt, negative_prompt=args.negative_prompt, plan=plan,
-                       scheduler=type(scheduler).__name__, scheduler_config=dict(scheduler.config),
-                       guidance_scale=args.guidance, seed=args.seed)
+    spec = _session(args, model)
+    plan = spec.plan
     from latentwire.scheduler.serving.link import parse_link
 
     link = parse_link(args.link) if args.link else None
@@ -316,7 +331,7 @@ def _plan_arguments(parser, steps):
     parser.add_argument("--a", type=float, help="ec-diff: slope scale")
     parser.add_argument("--s", type=int, help="ec-diff: switch step")
     parser.add_argument("--strength", type=float, help="preview-refine: share of the schedule the cloud redoes")
-    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--steps", type=int, default=steps, help="inference steps (diffusers' num_inference_steps)")
 
 
 def build_parser():
@@ -406,6 +421,8 @@ def build_parser():
     _plan_arguments(e, steps=25)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--guidance", type=float, default=7.5)
+    e.add_argument("--scheduler", help="a diffusers scheduler class to use instead of the folder's (e.g. "
+                                       "DDIMScheduler), built from the folder's config as diffusers swaps one")
     e.add_argument("--latent-codec", default="int8", help="fp32, fp16, bf16, int8, int4, or auto (with --link)")
     e.add_argument("--latent-level", type=int, default=3)
     e.add_argument("--state-codec", default="fp16")

@@ -109,12 +109,18 @@ def _unet(channels):
         cross_attention_dim=TEXT_HIDDEN, attention_head_dim=2, norm_num_groups=NORM_GROUPS)
 
 
-def _scheduler():
-    """SD 1.x's noise schedule (scaled_linear betas 0.00085..0.012 over 1000 steps) under DDIM."""
-    from diffusers import DDIMScheduler
+def _scheduler(name="DDIMScheduler"):
+    """SD 1.x's noise schedule (scaled_linear betas 0.00085..0.012 over 1000 steps) under DDIM, or under
+    PNDM as SD v1.5's and BK-SDM's folders ship it (PLMS: skip_prk_steps)."""
+    import diffusers
 
-    return DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    set_alpha_to_one=False, steps_offset=1)
+    if name == "DDIMScheduler":
+        return diffusers.DDIMScheduler(**schedule, clip_sample=False)
+    if name == "PNDMScheduler":
+        return diffusers.PNDMScheduler(**schedule, skip_prk_steps=True)
+    raise ValueError(f"tiny pipelines ship DDIMScheduler or PNDMScheduler, got {name!r}")
 
 
 def _seeded(seed, build, *args):
@@ -124,11 +130,12 @@ def _seeded(seed, build, *args):
         return build(*args)
 
 
-def save_tiny_pipeline(path, *, seed=0, edge=False):
+def save_tiny_pipeline(path, *, seed=0, edge=False, scheduler="DDIMScheduler"):
     """Writes a StableDiffusionPipeline folder at ``path`` (created if missing) and returns ``path``.
 
     Weights are random, a function of ``seed`` alone. edge=True narrows the UNet (UNET_CHANNELS["edge"]);
-    text encoder, tokenizer, VAE and scheduler are the same as edge=False's for the same seed.
+    text encoder, tokenizer, VAE and scheduler are the same as edge=False's for the same seed. scheduler:
+    the folder's, "DDIMScheduler" or "PNDMScheduler" (what SD v1.5 folders ship).
     """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
@@ -143,13 +150,13 @@ def save_tiny_pipeline(path, *, seed=0, edge=False):
     # each component seeded on its own, so edge=True changes the UNet and nothing else
     pipe = StableDiffusionPipeline(
         vae=_seeded(seed, _vae), text_encoder=_seeded(seed, _text_encoder, vocab), tokenizer=tokenizer,
-        unet=_seeded(seed, _unet, UNET_CHANNELS["edge" if edge else "cloud"]), scheduler=_scheduler(),
+        unet=_seeded(seed, _unet, UNET_CHANNELS["edge" if edge else "cloud"]), scheduler=_scheduler(scheduler),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
 
 
-def save_tiny_pair(root, seed=0):
+def save_tiny_pair(root, seed=0, scheduler="DDIMScheduler"):
     """(cloud_path, edge_path) = (root/cloud, root/edge): two tiny pipelines sharing all but the UNet."""
-    return (save_tiny_pipeline(os.path.join(root, "cloud"), seed=seed),
-            save_tiny_pipeline(os.path.join(root, "edge"), seed=seed, edge=True))
+    return (save_tiny_pipeline(os.path.join(root, "cloud"), seed=seed, scheduler=scheduler),
+            save_tiny_pipeline(os.path.join(root, "edge"), seed=seed, edge=True, scheduler=scheduler))

@@ -13,7 +13,7 @@ from .plan import MAX_NAME_CHARS, MAX_STEPS, Plan, PlanError
 
 SUPPORTED_SCHEDULERS = tuple(BUILDERS)  # the diffusers schedulers the fused step computes
 SESSION_FIELDS = ("prompt", "plan", "scheduler", "scheduler_config", "negative_prompt", "guidance_scale", "seed",
-                  "restart_solver")
+                  "restart_solver", "inference_steps")
 MAX_PROMPT_CHARS = 4096  # CLIP reads 77 tokens; a longer prompt is truncated by its tokenizer anyway
 GUIDANCE = (-100.0, 100.0)  # classifier-free guidance scales in use lie in 0..20
 
@@ -31,6 +31,8 @@ class SessionSpec:
     guidance_scale: float = 7.5
     seed: int = 0
     restart_solver: bool = False  # a receiver restarts a multistep solver at first order (else: state travels)
+    inference_steps: int = None  # diffusers' num_inference_steps, where it differs from the plan's step count
+    # (PNDM's PLMS: N inference steps are N + 1 scheduler steps); None: the plan's num_steps
 
     def make_scheduler(self):
         """A fresh scheduler of the named class with this config, set to the plan's number of steps."""
@@ -39,13 +41,43 @@ class SessionSpec:
         cls = getattr(diffusers, self.scheduler, None)
         if cls is None or not hasattr(cls, "from_config"):
             raise PlanError(f"unknown scheduler {self.scheduler!r}: name a diffusers scheduler class")
+        n = self.plan.num_steps if self.inference_steps is None else self.inference_steps
         try:
             s = cls.from_config(self.scheduler_config)
-            s.set_timesteps(self.plan.num_steps)
+            s.set_timesteps(n)
         except Exception as e:  # diffusers raises what it likes on a config it cannot use
             raise PlanError(f"cannot build a {self.scheduler} from the session's scheduler config "
                             f"({type(e).__name__}: {e})") from None
+        if len(s.timesteps) != self.plan.num_steps:
+            raise PlanError(f"{self.scheduler} takes {len(s.timesteps)} steps for {n} inference steps, but plan "
+                            f"{self.plan.name!r} has {self.plan.num_steps}: build the plan for the scheduler's "
+                            "steps (scheduler_steps()), and give inference_steps")
         return s
+
+    @classmethod
+    def for_model(cls, model, prompt, *, plan="hybrid-sd", steps=25, scheduler=None, plan_params=None, **fields):
+        """A session for ``model``'s folder: its scheduler, or the diffusers class ``scheduler`` swapped in the
+        diffusers way (NAME.from_config(the folder's config)); the built-in ``plan`` over the steps that
+        scheduler takes for ``steps`` inference steps (plan_params: the plan's own, e.g. {"k": 10}); the other
+        fields as SessionSpec's. Raises UnsupportedScheduler (a ValueError) for a scheduler or configuration
+        the fused step cannot run, naming the ones it can, before anything is sent anywhere."""
+        from latentwire.kernels import FusedSampler, UnsupportedScheduler
+
+        from .plan import make
+
+        s = model.make_scheduler(scheduler)
+        name = type(s).__name__
+        if name not in SUPPORTED_SCHEDULERS:
+            where = f"scheduler {name}" if scheduler else f"the model folder's scheduler {name}"
+            raise UnsupportedScheduler(f"{where} is not supported by latentwire's fused step; supported: "
+                                       f"{', '.join(SUPPORTED_SCHEDULERS)}. Swap one in with --scheduler NAME (the "
+                                       "Python API: scheduler=NAME); it keeps the folder's noise schedule, as "
+                                       "diffusers' from_config does")
+        n = scheduler_steps(s, steps)
+        spec = cls(prompt=prompt, plan=make(plan, n, **(plan_params or {})), scheduler=name,
+                   scheduler_config=dict(s.config), inference_steps=None if n == steps else steps, **fields)
+        FusedSampler(spec.make_scheduler())  # its configuration too (thresholding, say)
+        return spec
 
     def to_plain(self):
         """The session as msgpack-native values: what travels in a run request."""
@@ -70,7 +102,9 @@ class SessionSpec:
                    negative_prompt=need_str(f"{field}.negative_prompt", d.get("negative_prompt", ""), MAX_PROMPT_CHARS),
                    guidance_scale=need_number(f"{field}.guidance_scale", d.get("guidance_scale", 7.5), *GUIDANCE),
                    seed=need_int(f"{field}.seed", d.get("seed", 0), 0, INT64[1]),
-                   restart_solver=need_bool(f"{field}.restart_solver", d.get("restart_solver", False)))
+                   restart_solver=need_bool(f"{field}.restart_solver", d.get("restart_solver", False)),
+                   inference_steps=None if d.get("inference_steps") is None else
+                   need_int(f"{field}.inference_steps", d["inference_steps"], 1, max_steps))
 
     def to_msgpack(self):
         return msgpack.packb(self.to_plain(), use_bin_type=True)
@@ -138,6 +172,14 @@ def check_scheduler_config(field, config):
         else:
             need_scalar(where, value, MAX_NAME_CHARS)
     return config
+
+
+def scheduler_steps(scheduler, inference_steps):
+    """How many steps ``scheduler`` takes for diffusers' num_inference_steps (the length of its timesteps
+    after set_timesteps): what a plan for it must cover. PNDM's PLMS takes one more."""
+    s = type(scheduler).from_config(scheduler.config)
+    s.set_timesteps(inference_steps)
+    return len(s.timesteps)
 
 
 def _jsonable(value):
