@@ -237,10 +237,10 @@ def sample(model, scenes, *, steps, guidance, seed, batch=64):
         state = None
         for i, t in enumerate(sampler.timesteps):
             if guidance > 1:
-                eps_c, eps_u = model.eps(x, t, cond, uncond, scheduler=sched)
+                eps_c, eps_u = model.predict(x, t, cond, uncond, scheduler=sched)
                 x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=guidance, state=state)
             else:
-                eps_c, _ = model.eps(x, t, cond, None, scheduler=sched)
+                eps_c, _ = model.predict(x, t, cond, None, scheduler=sched)
                 x, state = sampler.step(x, i, eps_c, state=state)
         out.append(model.decode(x, output_type="pt") * 2 - 1)
     return torch.cat(out)

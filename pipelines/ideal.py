@@ -4,7 +4,7 @@ its training set, and a stand-in cloud model when a trained one falls short.
 
     ideal = IdealDenoiser.from_pretrained(embedded.CLOUD_PATH)     # VAE + scheduler of a world folder
     cond, uncond = ideal.encode_prompt("a red circle at the top left")
-    eps_c, eps_u = ideal.eps(x, t, cond, uncond, scheduler=sched)   # in the scheduler's prediction type
+    eps_c, eps_u = ideal.predict(x, t, cond, uncond, scheduler=sched)   # in the scheduler's prediction type
 
 Maths. The training set is N latents y_i, each with its caption c_i. Treat the data given caption c as the
 mixture of its latents, each widened to N(y_i, s^2 I) with s = FLOOR_STD (a tiny floor, so the mixture has
@@ -122,7 +122,7 @@ class IdealDenoiser:
         return torch.where(conditional, hot, len(self.mixtures) - 1)
 
     @torch.no_grad()
-    def eps(self, x, t, cond, uncond=None, *, scheduler=None):
+    def predict(self, x, t, cond, uncond=None, *, scheduler=None):
         """(out(x_t, t, cond), out(x_t, t, uncond)), out the exact model output in the scheduler's
         prediction_type (see the module docstring); the second is None if uncond is None.
 

@@ -1,6 +1,6 @@
 """A Stable Diffusion model taken apart into the pieces a split generation needs: text embeddings, one
 guided UNet evaluation, the initial noise, the VAE decode. Each piece computes exactly what
-diffusers' StableDiffusionPipeline computes at that point, so a loop of ``eps`` and ``FusedSampler.step``
+diffusers' StableDiffusionPipeline computes at that point, so a loop of ``predict`` and ``FusedSampler.step``
 reproduces the pipeline (``generate`` is that loop: the single-process reference).
 
     model = StableDiffusionModel.from_pretrained(path)            # a StableDiffusionPipeline folder
@@ -9,11 +9,11 @@ reproduces the pipeline (``generate`` is that loop: the single-process reference
     sampler = FusedSampler(sched)
     x = model.initial_noise(seed, scheduler=sched)                # x_T: (B, C, H, W)
     for i, t in enumerate(sampler.timesteps):
-        eps_c, eps_u = model.eps(x, t, cond, uncond, scheduler=sched)
+        eps_c, eps_u = model.predict(x, t, cond, uncond, scheduler=sched)
         x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=g, state=state)
     images = model.decode(x)                                      # B PIL images
 
-Symbols: x_t the latent at timestep t, eps(x_t, t, c) the UNet's noise prediction under text embeddings
+Symbols: x_t the latent at timestep t, u(x_t, t, c) the UNet's raw prediction (epsilon, v, ...) under text embeddings
 c, c_in(t) the input scaling of k-diffusion-style schedulers (Euler: 1 / sqrt(sigma_t^2 + 1)).
 """
 import copy
@@ -132,8 +132,9 @@ class StableDiffusionModel:
         return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
 
     @torch.no_grad()
-    def eps(self, x, t, cond, uncond=None, *, scheduler=None):
-        """(eps(c_in x_t, t, cond), eps(c_in x_t, t, uncond)): the UNet's two predictions at x_t, unguided.
+    def predict(self, x, t, cond, uncond=None, *, scheduler=None):
+        """(u(c_in x_t, t, cond), u(c_in x_t, t, uncond)): the UNet's two raw predictions at x_t, unguided, in
+        the scheduler's prediction_type (epsilon for SD 1.x, v for SD 2.x-v and the world models).
 
         x: (B, C, H, W) latents x_t, in self.dtype.
         t: the timestep, an element of scheduler.timesteps (a 0-d tensor or number), or a (B,) tensor of them.
@@ -219,7 +220,7 @@ class StableDiffusionModel:
         x = self._noise(generator, batch) * sched.init_noise_sigma
         state = None
         for i, t in enumerate(sampler.timesteps):
-            eps_c, eps_u = self.eps(x, t, cond, uncond if guided else None, scheduler=sched)
+            eps_c, eps_u = self.predict(x, t, cond, uncond if guided else None, scheduler=sched)
             noise = self._noise(generator, batch) if sampler.stochastic else None
             if guided:
                 x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=guidance_scale, state=state,

@@ -350,7 +350,7 @@ def unet_cost(paths=(embedded.CLOUD_PATH, embedded.EDGE_PATH), repeats=50):
         times = []
         for i in range(5 + repeats):
             t0 = time.perf_counter()
-            model.eps(x, sched.timesteps[i % 20], cond, uncond, scheduler=sched)
+            model.predict(x, sched.timesteps[i % 20], cond, uncond, scheduler=sched)
             times.append(time.perf_counter() - t0)
         out[str(path)] = sorted(times[5:])[repeats // 2]
     return out

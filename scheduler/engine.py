@@ -257,13 +257,13 @@ class CloudEngine:
         if len(group) == 1:  # exactly the call a session running alone makes
             run = group[0].run
             x, t = run.model_input()
-            return [self.model.eps(x, t, *run.conditioning, scheduler=scheduler)]
+            return [self.model.predict(x, t, *run.conditioning, scheduler=scheduler)]
         inputs = [s.run.model_input() for s in group]
         x = torch.cat([x for x, _ in inputs])
         t = torch.tensor([t for _, t in inputs], device=x.device)
         cond = torch.cat([s.run.conditioning[0] for s in group])
         uncond = torch.cat([s.run.conditioning[1] for s in group])
-        pc, pu = self.model.eps(x, t, cond, uncond, scheduler=scheduler)
+        pc, pu = self.model.predict(x, t, cond, uncond, scheduler=scheduler)
         return [(pc[r:r + 1], pu[r:r + 1]) for r in range(len(group))]
 
     def _step(self, s, pred_cond, pred_uncond):

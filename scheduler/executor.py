@@ -2,8 +2,9 @@
 what every runner shares: a model's device, x_T, a plan's stretches of one side.
 
 A model here is anything with the interface of ``latentwire.pipelines.sd.StableDiffusionModel``:
-``encode_prompt(prompt, negative) -> (cond, uncond)``, ``eps(x, t, cond, uncond, scheduler=) ->
-(eps_cond, eps_uncond)`` (the scheduler scales the model input where it needs to, as Euler's does),
+``encode_prompt(prompt, negative) -> (cond, uncond)``, ``predict(x, t, cond, uncond, scheduler=) ->
+(pred_cond, pred_uncond)``: the model's raw predictions (epsilon, v or a flow velocity, whatever it was
+trained on) (the scheduler scales the model input where it needs to, as Euler's does),
 ``initial_noise(seed, scheduler=) -> x_T``, and ``latent_space`` / ``text_space`` descriptions; optionally
 ``device`` and ``dtype`` (default: the CPU, and the dtype of what it is given).
 """

@@ -9,7 +9,7 @@ predictions at the real steps:
     while not run.done:
         if run.wants_model:
             x, t = run.model_input()
-            run.advance(*model.eps(x, t, *run.conditioning, scheduler=sampler.scheduler))
+            run.advance(*model.predict(x, t, *run.conditioning, scheduler=sampler.scheduler))
         else:
             run.advance()
     x, state = run.x, run.state
@@ -99,7 +99,7 @@ def drive(run, model):
     while not run.done:
         if run.wants_model:
             x, t = run.model_input()
-            run.advance(*model.eps(x, t, cond, uncond, scheduler=scheduler))
+            run.advance(*model.predict(x, t, cond, uncond, scheduler=scheduler))
         else:
             run.advance()
     return run

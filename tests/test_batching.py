@@ -105,10 +105,10 @@ class _FailsOn:
         cond, uncond = self.model.encode_prompt(prompt, negative)
         return (cond * float("nan"), uncond) if prompt == self.prompt else (cond, uncond)
 
-    def eps(self, x, t, cond, uncond, scheduler=None):
+    def predict(self, x, t, cond, uncond, scheduler=None):
         if torch.isnan(cond).any():
             raise RuntimeError("the model met NaN embeddings")
-        return self.model.eps(x, t, cond, uncond, scheduler=scheduler)
+        return self.model.predict(x, t, cond, uncond, scheduler=scheduler)
 
     def initial_noise(self, *args, **kwargs):
         return self.model.initial_noise(*args, **kwargs)

@@ -133,7 +133,7 @@ def test_ideal_denoiser_outputs_agree_across_prediction_types(ideal, cloud):
     outs = {}
     for prediction in ("epsilon", "sample", "v_prediction"):
         sched = diffusers.DDIMScheduler.from_config({**cloud.scheduler_config, "prediction_type": prediction})
-        outs[prediction], _ = ideal.eps(x, torch.tensor(t), cond, scheduler=sched)
+        outs[prediction], _ = ideal.predict(x, torch.tensor(t), cond, scheduler=sched)
     a = float(cloud.scheduler.alphas_cumprod[t].double())
     torch.testing.assert_close(a ** 0.5 * outs["sample"] + (1 - a) ** 0.5 * outs["epsilon"], x)
     torch.testing.assert_close(a ** 0.5 * outs["epsilon"] - (1 - a) ** 0.5 * outs["sample"], outs["v_prediction"])
@@ -149,7 +149,7 @@ def test_ideal_denoiser_recovers_a_training_latent_at_low_noise(ideal, cloud):
     noise = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x = a ** 0.5 * y + (1 - a) ** 0.5 * noise
     cond, _ = ideal.encode_prompt(world.caption(world.all_scenes()[5]))
-    x0, _ = ideal.eps(x, 10, cond.double(), scheduler=sched)
+    x0, _ = ideal.predict(x, 10, cond.double(), scheduler=sched)
     expected = y + s * s * a ** 0.5 / (a * s * s + 1 - a) * (x - a ** 0.5 * y)
     torch.testing.assert_close(x0, expected)
 
@@ -160,9 +160,9 @@ def test_ideal_denoiser_refuses_what_it_cannot_do(ideal, cloud):
     x = torch.zeros(1, *ideal.latent_shape)
     cond, _ = ideal.encode_prompt("a red circle at the top left")
     with pytest.raises(ValueError, match="EulerDiscreteScheduler"):
-        ideal.eps(x, 10, cond, scheduler=cloud.make_scheduler("EulerDiscreteScheduler"))
+        ideal.predict(x, 10, cond, scheduler=cloud.make_scheduler("EulerDiscreteScheduler"))
     with pytest.raises(ValueError, match="integer"):
-        ideal.eps(x, 10.5, cond, scheduler=cloud.make_scheduler())
+        ideal.predict(x, 10.5, cond, scheduler=cloud.make_scheduler())
     assert ideal.text_space == cloud.text_space and ideal.latent_space == cloud.latent_space
 
 

@@ -20,7 +20,7 @@ class StandIn:
         code = lambda s: torch.tensor([float(sum(map(ord, s)) % 17)]).reshape(1, 1, 1)  # noqa: E731
         return code(prompt), code(negative)
 
-    def eps(self, x, t, cond, uncond, scheduler=None):
+    def predict(self, x, t, cond, uncond, scheduler=None):
         self.calls += 1
         base = torch.tanh(self.scale * x) * (1 + t / 1000)
         return base + 0.01 * cond.reshape(1, 1, 1, 1), base + 0.01 * uncond.reshape(1, 1, 1, 1)
@@ -83,7 +83,7 @@ def _by_hand(s, models, plan):
     x, state = models[plan.segments[0].side].initial_noise(s.seed, scheduler=scheduler), None
     for i, side in plan.labels():
         cond, uncond = models[side].encode_prompt(s.prompt, s.negative_prompt)
-        eps_c, eps_u = models[side].eps(x, int(scheduler.timesteps[i]), cond, uncond)
+        eps_c, eps_u = models[side].predict(x, int(scheduler.timesteps[i]), cond, uncond)
         x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=s.guidance_scale, state=state)
     return x
 

@@ -107,8 +107,8 @@ def test_euler_scales_the_input(cloud):
     t = sched.timesteps[2]
     x = torch.randn(1, *cloud.latent_shape, generator=torch.Generator().manual_seed(0)) * 5
     cond, uncond = cloud.encode_prompt(PROMPT)
-    scaled, _ = cloud.eps(x, t, cond, uncond, scheduler=sched)
-    unscaled, _ = cloud.eps(x, t, cond, uncond, scheduler=cloud.make_scheduler("DDIMScheduler"))
+    scaled, _ = cloud.predict(x, t, cond, uncond, scheduler=sched)
+    unscaled, _ = cloud.predict(x, t, cond, uncond, scheduler=cloud.make_scheduler("DDIMScheduler"))
     assert rel_err(scaled, unscaled) > 1e-2
     assert sched.step_index is None  # scale_model_input ran on a copy
 
@@ -120,9 +120,9 @@ def test_eps_per_row_timesteps(cloud):
     t = sched.timesteps[[0, 4, 0]]
     x = torch.randn(3, *cloud.latent_shape, generator=torch.Generator().manual_seed(1)) * 3
     cond, uncond = cloud.encode_prompt(PROMPT, NEGATIVE)
-    eps_c, eps_u = cloud.eps(x, t, cond, uncond, scheduler=sched)
+    eps_c, eps_u = cloud.predict(x, t, cond, uncond, scheduler=sched)
     for r in range(3):
-        ref_c, ref_u = cloud.eps(x[r:r + 1], t[r], cond, uncond, scheduler=sched)
+        ref_c, ref_u = cloud.predict(x[r:r + 1], t[r], cond, uncond, scheduler=sched)
         assert rel_err(eps_c[r:r + 1], ref_c) < 1e-5 and rel_err(eps_u[r:r + 1], ref_u) < 1e-5
 
 
@@ -167,6 +167,6 @@ def test_bad_inputs(cloud, tmp_path):
     with pytest.raises(ValueError, match="not a diffusers scheduler"):
         cloud.make_scheduler("NoSuchScheduler")
     with pytest.raises(ValueError, match="x must be"):
-        cloud.eps(torch.zeros(1, 3, 8, 8), 1, *cloud.encode_prompt(PROMPT))
+        cloud.predict(torch.zeros(1, 3, 8, 8), 1, *cloud.encode_prompt(PROMPT))
     with pytest.raises(ValueError, match="text embeddings must be"):
-        cloud.eps(torch.zeros(2, 4, 8, 8), 1, torch.zeros(3, MAX_LENGTH, 32), torch.zeros(1, MAX_LENGTH, 32))
+        cloud.predict(torch.zeros(2, 4, 8, 8), 1, torch.zeros(3, MAX_LENGTH, 32), torch.zeros(1, MAX_LENGTH, 32))

@@ -56,9 +56,9 @@ class _Slow:
     def encode_prompt(self, prompt, negative=""):
         return self.model.encode_prompt(prompt, negative)
 
-    def eps(self, x, t, cond, uncond, scheduler=None):
+    def predict(self, x, t, cond, uncond, scheduler=None):
         time.sleep(self.delay)
-        return self.model.eps(x, t, cond, uncond, scheduler=scheduler)
+        return self.model.predict(x, t, cond, uncond, scheduler=scheduler)
 
     def initial_noise(self, *args, **kwargs):
         return self.model.initial_noise(*args, **kwargs)
