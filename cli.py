@@ -172,7 +172,7 @@ def _load(path, who, device="cpu", dtype="float32"):
     import torch
 
     from latentwire.pipelines import embedded
-    from latentwire.pipelines.sd import StableDiffusionModel
+    from latentwire.pipelines.models import FAMILIES, UnsupportedModel, load_model
 
     device = _check_device(who, device)
     if path == "ideal":
@@ -186,13 +186,16 @@ def _load(path, who, device="cpu", dtype="float32"):
         return IdealDenoiser.from_pretrained(embedded.CLOUD_PATH)
     path = path or str(embedded.CLOUD_PATH if who == "cloud" else embedded.EDGE_PATH)
     try:
-        return StableDiffusionModel.from_pretrained(path, device=device, dtype=getattr(torch, dtype))
+        return load_model(path, device=device, dtype=getattr(torch, dtype))
+    except UnsupportedModel as e:
+        raise SystemExit(f"latentwire {who}: {e}") from None
     except Exception as e:  # diffusers and transformers raise OSError, ValueError, EnvironmentError...
-        raise SystemExit(f"latentwire {who}: cannot load a diffusers Stable-Diffusion folder from {path!r} "
-                         f"({type(e).__name__}: {e}); give the folder StableDiffusionPipeline.save_pretrained wrote") from None
+        raise SystemExit(f"latentwire {who}: cannot load a diffusers model folder from {path!r} "
+                         f"({type(e).__name__}: {e}); give a folder the save_pretrained of one of "
+                         f"{', '.join(FAMILIES)} wrote") from None
 
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif")
 
 
 def _check_image_path(path):
@@ -309,8 +312,11 @@ def _edge(args):
     except (CloudUnavailable, CloudError) as e:
         print(f"latentwire edge: {e}", file=sys.stderr)
         return 2
-    image = model.decode(latent)[0]  # one PIL image per latent in the batch
-    image.save(args.out)
+    image = model.decode(latent)[0]  # one PIL image per latent in the batch (a video: a list of frames)
+    if isinstance(image, list):  # an animated .gif or .webp holds every frame; other formats the first
+        image[0].save(args.out, save_all=args.out.lower().endswith((".gif", ".webp")), append_images=image[1:])
+    else:
+        image.save(args.out)
     wall = time.perf_counter() - start
     if args.json:
         print(json.dumps(summary_dict(summary, bytes_up=client.bytes_up, bytes_down=client.bytes_down,

@@ -76,7 +76,7 @@ def run(out="demo-out", cloud="trained", prompts=PROMPTS, steps=STEPS, log=print
     """The demo; -> the rows of report.md as dicts."""
     from latentwire.pipelines import evaluate, world
     from latentwire.pipelines.embedded import EDGE_PATH
-    from latentwire.pipelines.sd import StableDiffusionModel
+    from latentwire.pipelines.models.sd import StableDiffusionModel
     from latentwire.scheduler import make
     from latentwire.scheduler.serving.edge import EdgeClient
 

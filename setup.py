@@ -10,7 +10,7 @@ pulls a multi-GB CUDA build. On a GPU machine install the torch you want first, 
 """
 from setuptools import setup
 
-SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "pipelines"]
+SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "pipelines", "pipelines.models"]
 
 setup(
     name="latentwire",

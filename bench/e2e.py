@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from latentwire.pipelines.sd import StableDiffusionModel
-from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.pipelines.models.sd import StableDiffusionModel
+from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make
 from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.serving.process import wait_ready

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import daemons  # noqa: E402  (the tests' daemon starter: real processes, logs to a file)
 
-from latentwire.pipelines.sd import StableDiffusionModel  # noqa: E402
-from latentwire.pipelines.tiny import save_tiny_pair  # noqa: E402
+from latentwire.pipelines.models.sd import StableDiffusionModel  # noqa: E402
+from latentwire.pipelines.models.tiny import save_tiny_pair  # noqa: E402
 from latentwire.scheduler import SessionSpec, make  # noqa: E402
 from latentwire.scheduler.serving.edge import EdgeClient  # noqa: E402
 

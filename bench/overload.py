@@ -89,7 +89,7 @@ def worker(args):
     import torch
 
     from latentwire.pipelines.embedded import EDGE_PATH
-    from latentwire.pipelines.sd import StableDiffusionModel
+    from latentwire.pipelines.models.sd import StableDiffusionModel
     from latentwire.scheduler import SessionSpec, make
     from latentwire.scheduler.serving.edge import EdgeClient
 

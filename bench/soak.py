@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import daemons  # noqa: E402
 
-from latentwire.pipelines.sd import StableDiffusionModel  # noqa: E402
-from latentwire.pipelines.tiny import save_tiny_pair  # noqa: E402
+from latentwire.pipelines.models.sd import StableDiffusionModel  # noqa: E402
+from latentwire.pipelines.models.tiny import save_tiny_pair  # noqa: E402
 from latentwire.scheduler import SessionSpec, make, run_plan  # noqa: E402
 from latentwire.scheduler.serving.edge import EdgeClient  # noqa: E402
 from latentwire.scheduler.wire import Codecs  # noqa: E402

@@ -3,7 +3,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused_step import fused_step
+from .fused_step import _check, fused_step
+from .step_table import UnsupportedScheduler
+from .table_pndm import PLMSTable, combination
 from .tables import table_for
 
 
@@ -79,6 +81,9 @@ class FusedSampler:
         state = None
         for i in range(sampler.num_steps):
             x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=7.5, state=state)
+
+    PNDMScheduler (skip_prk_steps=True: PLMS) keeps earlier model outputs in the state (table_pndm.py);
+    its N inference steps are N + 1 steps here (1 for N = 1), stepped with int step indices.
     """
 
     def __init__(self, scheduler, *, device="cpu", eta=0.0, use_clipped_model_output=False, backend=None):
@@ -105,7 +110,8 @@ class FusedSampler:
 
     def step(self, x, step_index, model_output=None, *, cond=None, uncond=None, guidance_scale=None,
              state=None, noise=None):
-        """x_t -> (x_next, state) for step ``step_index`` (an int, or a (B,) tensor: one per row).
+        """x_t -> (x_next, state) for step ``step_index`` (an int, or a (B,) tensor: one per row; an int
+        only for PNDMScheduler, whose PLMS history is one per batch).
 
         Give either ``model_output`` (already guided) or ``cond``, ``uncond`` and ``guidance_scale`` (a
         float or a (B,) tensor), combined as uncond + g (cond - uncond) inside the pass.
@@ -132,6 +138,8 @@ class FusedSampler:
         from a history of model outputs: see kernels/extrapolate.py); weights is (B, K) or K floats.
         With want_m, also returns that model output: (x_next, state, m)."""
         step = self._step_tensor(step_index, x)
+        if isinstance(self.table, PLMSTable):
+            return self._step_plms(x, step, models, weights, state, want_m)
         if self.table.stochastic and noise is None:
             raise ValueError("this scheduler adds noise at each step: pass noise=torch.randn_like(x) "
                              "(drawn from your generator)")
@@ -146,6 +154,41 @@ class FusedSampler:
         state = SolverState(x0_prev=out.x0)
         return (out.x_next, state, out.m) if want_m else (out.x_next, state)
 
+    def _step_plms(self, x, i, models, weights, state, want_m):
+        """PNDMScheduler's PLMS step (table_pndm.py has the equations and the bookkeeping): e_i, the
+        model output, in one pass; then the fused step over [e_i, ets[-1], ets[-2], ets[-3]] (newest
+        first) with the multistep weights, from x, or from state.sample at step 1."""
+        if isinstance(i, torch.Tensor):
+            raise UnsupportedScheduler("PNDMScheduler: a per-row step_index is not supported: PLMS keeps one history "
+                                       "of model outputs per batch; step rows at different steps one at a time "
+                                       "with an int step_index")
+        ets, sample = (state.ets[-SolverState.MAX_ETS:], state.sample) if state is not None else ((), None)
+        for name, t in [(f"state.ets[{j}]", e) for j, e in enumerate(ets)] + [("state.sample", sample)]:
+            if t is not None and t.shape != x.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, the latent {tuple(x.shape)}: they must match")
+        _check(x, models, weights, self.coef, i, None, None)
+        e = _combine(x, models, weights)
+        src, previous = x, ets
+        if i == 0:
+            if ets or sample is not None:
+                raise ValueError("step 0 starts a PLMS solver: pass state=None (the state given holds "
+                                 f"{sorted(state.tensors())})")
+            new = SolverState(ets=(e,), sample=x.clone())  # step 1 restarts from x: a copy the caller cannot reuse
+        elif i == 1:
+            new = SolverState(ets=ets)  # diffusers keeps e_1 nowhere
+            if sample is None:  # a restarted solver: x is at timesteps[1] already (step 0 took it there)
+                x_next = x.clone()
+                return (x_next, new, e) if want_m else (x_next, new)
+            if not ets:
+                raise ValueError("step 1 restarts from state.sample with step 0's output: the state has sample "
+                                 "but no ets.0")
+            src, previous = sample, ets[-1:]
+        else:
+            new = SolverState(ets=(*ets, e)[-SolverState.MAX_ETS:])
+        out = fused_step(src, [e, *reversed(previous)], list(combination(i, len(previous))), self.coef, i,
+                         backend=self.backend)
+        return (out.x_next, new, e) if want_m else (out.x_next, new)
+
     def _step_tensor(self, step_index, x):
         """A per-row step index as an int64 tensor on x's device; a shared one stays an int."""
         if isinstance(step_index, torch.Tensor):
@@ -155,3 +198,19 @@ class FusedSampler:
         if not 0 <= step_index < self.num_steps:
             raise ValueError(f"step_index {step_index} is outside 0..{self.num_steps - 1} of this schedule")
         return int(step_index)
+
+
+def _combine(x, models, weights):
+    """m = sum_k weights[:, k] models[k] in float32, in x's dtype: (B, ...). weights: (B, K) or K floats.
+    Always a new tensor (it is kept in the solver state)."""
+    if isinstance(weights, torch.Tensor):
+        view = (x.shape[0],) + (1,) * (x.dim() - 1)
+        w = weights.to(device=x.device, dtype=torch.float32)
+        m = models[0].float() * w[:, 0].reshape(view)
+        for k in range(1, len(models)):
+            m.addcmul_(models[k].float(), w[:, k].reshape(view))
+    else:
+        m = torch.mul(models[0].float(), float(weights[0]))
+        for mk, wk in zip(models[1:], weights[1:]):
+            m.add_(mk.float(), alpha=float(wk))
+    return m.to(x.dtype)

@@ -1,6 +1,6 @@
 """Which coefficient table serves a configured diffusers scheduler."""
 from . import (table_cogvideox_ddim, table_ddim, table_ddpm, table_dpmpp_2m, table_euler, table_euler_ancestral,
-               table_flow_euler, table_lcm)
+               table_flow_euler, table_lcm, table_pndm)
 from .step_table import UnsupportedScheduler
 
 BUILDERS = {
@@ -12,6 +12,7 @@ BUILDERS = {
     "FlowMatchEulerDiscreteScheduler": table_flow_euler.table,
     "LCMScheduler": table_lcm.table,
     "CogVideoXDDIMScheduler": table_cogvideox_ddim.table,
+    "PNDMScheduler": table_pndm.table,  # skip_prk_steps=True only (PLMS)
 }
 
 

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from . import tiny, world
+from . import world
+from .models import tiny
 
 ASSETS = Path(__file__).parent / "assets"
 CLOUD_PATH = ASSETS / "world-sd-cloud"

@@ -27,7 +27,7 @@ CLOUD_MODELS = ("trained", "ideal")  # what runs the cloud's steps: the world-sd
 def load_models(cloud="trained"):
     """{"cloud", "edge"}: the embedded world models; cloud="ideal" puts the exact denoiser in the cloud."""
     from . import embedded
-    from .sd import StableDiffusionModel
+    from .models.sd import StableDiffusionModel
 
     if cloud not in CLOUD_MODELS:
         raise ValueError(f"cloud must be one of {', '.join(CLOUD_MODELS)}, got {cloud!r}")

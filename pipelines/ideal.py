@@ -1,5 +1,5 @@
 """The world's ideal denoiser: the minimum-MSE denoiser of a finite training set, in closed form, behind the
-model interface the runtime uses (pipelines/sd.py). It is the limit a trained model approaches as it fits
+model interface the runtime uses (pipelines/models/sd.py). It is the limit a trained model approaches as it fits
 its training set, and a stand-in cloud model when a trained one falls short.
 
     ideal = IdealDenoiser.from_pretrained(embedded.CLOUD_PATH)     # VAE + scheduler of a world folder
@@ -81,7 +81,7 @@ class IdealDenoiser:
     def from_pretrained(cls, path, per_scene=embedded.POOL_PER_SCENE, seed=embedded.POOL_SEED, floor_std=FLOOR_STD):
         """The ideal denoiser of embedded.scene_pool(per_scene, seed) (default: the UNets' training set),
         encoded by the VAE of the world folder ``path``."""
-        from .sd import StableDiffusionModel
+        from .models.sd import StableDiffusionModel
 
         base = StableDiffusionModel.from_pretrained(path)
         images, ids = embedded.scene_pool(per_scene, seed)
@@ -121,8 +121,14 @@ class IdealDenoiser:
             raise ValueError("text embeddings must come from IdealDenoiser.encode_prompt (one-hot over scenes or zeros)")
         return torch.where(conditional, hot, len(self.mixtures) - 1)
 
+    family = "sd"
+
+    def timestep_kwargs(self):
+        """set_timesteps takes nothing more for this family."""
+        return {}
+
     @torch.no_grad()
-    def predict(self, x, t, cond, uncond=None, *, scheduler=None):
+    def predict(self, x, t, cond, uncond=None, *, scheduler=None, guidance=None):
         """(out(x_t, t, cond), out(x_t, t, uncond)), out the exact model output in the scheduler's
         prediction_type (see the module docstring); the second is None if uncond is None.
 

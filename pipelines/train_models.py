@@ -245,7 +245,7 @@ class UNetTrainer:
 
     def model(self, kind):
         """A StableDiffusionModel of the EMA UNet ``kind`` over the shared parts (in memory)."""
-        from .sd import StableDiffusionModel
+        from .models.sd import StableDiffusionModel
 
         sched = embedded.build_scheduler()
         return StableDiffusionModel(self.tokenizer, self.text_encoder, self.emas[kind], self.vae,
@@ -338,7 +338,7 @@ def export(vae_dir, unets_dirs, out, tokenizer_tmp):
 def unet_cost(paths=(embedded.CLOUD_PATH, embedded.EDGE_PATH), repeats=50):
     """{folder: median seconds of one batch-2 UNet forward (one guided step: uncond and cond rows)} on the
     current thread count, after 5 warm-up calls; models loaded as the runtime loads them."""
-    from .sd import StableDiffusionModel
+    from .models.sd import StableDiffusionModel
 
     out = {}
     for path in paths:
@@ -360,7 +360,7 @@ def evaluate_folders(n=256, steps=EVAL_STEPS, guidance=EVAL_GUIDANCE, seed=EVAL_
     """{"cloud" | "edge" | "ideal": evaluate_images scores} of each committed model's generations for
     world.sample_scenes(n, seed), against renders of the same scenes."""
     from .ideal import IdealDenoiser
-    from .sd import StableDiffusionModel
+    from .models.sd import StableDiffusionModel
 
     scenes = world.sample_scenes(n, seed)
     reference = world.render(scenes, seed)

@@ -257,13 +257,14 @@ class CloudEngine:
         if len(group) == 1:  # exactly the call a session running alone makes
             run = group[0].run
             x, t = run.model_input()
-            return [self.model.predict(x, t, *run.conditioning, scheduler=scheduler)]
+            return [self.model.predict(x, t, *run.conditioning, scheduler=scheduler, guidance=run.guidance)]
         inputs = [s.run.model_input() for s in group]
         x = torch.cat([x for x, _ in inputs])
         t = torch.tensor([t for _, t in inputs], device=x.device)
-        cond = torch.cat([s.run.conditioning[0] for s in group])
-        uncond = torch.cat([s.run.conditioning[1] for s in group])
-        pc, pu = self.model.predict(x, t, cond, uncond, scheduler=scheduler)
+        cond = _stack([s.run.conditioning[0] for s in group])
+        uncond = _stack([s.run.conditioning[1] for s in group])
+        guidance = torch.tensor([s.run.guidance for s in group], device=x.device)
+        pc, pu = self.model.predict(x, t, cond, uncond, scheduler=scheduler, guidance=guidance)
         return [(pc[r:r + 1], pu[r:r + 1]) for r in range(len(group))]
 
     def _step(self, s, pred_cond, pred_uncond):
@@ -387,6 +388,15 @@ class CloudEngine:
                                        **({"reason": event.message} if isinstance(event, wire.Error) else {})))
         if event is not None:
             ticket.emit(event)
+
+
+def _stack(conditionings):
+    """Rows of conditioning stacked along the batch: a model's conditioning is a tensor (SD's text
+    embeddings) or a tuple of them (SDXL's embeddings and pooled embeddings), each with a batch dim of 1."""
+    first = conditionings[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(conditionings)
+    return type(first)(torch.cat(parts) for parts in zip(*conditionings))
 
 
 def _cached(cache, key, make):

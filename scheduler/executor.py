@@ -1,7 +1,7 @@
 """The one-process reference (both sides' models in one process) that a two-process run must equal, and
 what every runner shares: a model's device, x_T, a plan's stretches of one side.
 
-A model here is anything with the interface of ``latentwire.pipelines.sd.StableDiffusionModel``:
+A model here is anything with the interface of ``latentwire.pipelines.models.sd.StableDiffusionModel``:
 ``encode_prompt(prompt, negative) -> (cond, uncond)``, ``predict(x, t, cond, uncond, scheduler=) ->
 (pred_cond, pred_uncond)``: the model's raw predictions (epsilon, v or a flow velocity, whatever it was
 trained on) (the scheduler scales the model input where it needs to, as Euler's does),

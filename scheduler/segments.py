@@ -9,7 +9,8 @@ predictions at the real steps:
     while not run.done:
         if run.wants_model:
             x, t = run.model_input()
-            run.advance(*model.predict(x, t, *run.conditioning, scheduler=sampler.scheduler))
+            run.advance(*model.predict(x, t, *run.conditioning, scheduler=sampler.scheduler,
+                                       guidance=run.guidance))
         else:
             run.advance()
     x, state = run.x, run.state
@@ -32,7 +33,7 @@ class SegmentRun:
         self.conditioning, self.callback = conditioning, callback
         self.x, self.state = x, state
         self.calls = self.forecasts = 0
-        self._g = float(spec.guidance_scale)
+        self.guidance = self._g = float(spec.guidance_scale)
         self._seg = -1
         self._stepper = None
         self._next_segment()
@@ -99,7 +100,7 @@ def drive(run, model):
     while not run.done:
         if run.wants_model:
             x, t = run.model_input()
-            run.advance(*model.predict(x, t, cond, uncond, scheduler=scheduler))
+            run.advance(*model.predict(x, t, cond, uncond, scheduler=scheduler, guidance=run.guidance))
         else:
             run.advance()
     return run

@@ -13,7 +13,8 @@ from .plan import MAX_NAME_CHARS, MAX_STEPS, Plan, PlanError
 
 SUPPORTED_SCHEDULERS = tuple(BUILDERS)  # the diffusers schedulers the fused step computes
 SESSION_FIELDS = ("prompt", "plan", "scheduler", "scheduler_config", "negative_prompt", "guidance_scale", "seed",
-                  "restart_solver", "inference_steps")
+                  "restart_solver", "inference_steps", "timestep_kwargs")
+MAX_TIMESTEP_KWARGS = 4
 MAX_PROMPT_CHARS = 4096  # CLIP reads 77 tokens; a longer prompt is truncated by its tokenizer anyway
 GUIDANCE = (-100.0, 100.0)  # classifier-free guidance scales in use lie in 0..20
 
@@ -33,6 +34,7 @@ class SessionSpec:
     restart_solver: bool = False  # a receiver restarts a multistep solver at first order (else: state travels)
     inference_steps: int = None  # diffusers' num_inference_steps, where it differs from the plan's step count
     # (PNDM's PLMS: N inference steps are N + 1 scheduler steps); None: the plan's num_steps
+    timestep_kwargs: dict = field(default_factory=dict)  # more set_timesteps arguments (Flux's mu)
 
     def make_scheduler(self):
         """A fresh scheduler of the named class with this config, set to the plan's number of steps."""
@@ -44,7 +46,7 @@ class SessionSpec:
         n = self.plan.num_steps if self.inference_steps is None else self.inference_steps
         try:
             s = cls.from_config(self.scheduler_config)
-            s.set_timesteps(n)
+            s.set_timesteps(n, **self.timestep_kwargs)
         except Exception as e:  # diffusers raises what it likes on a config it cannot use
             raise PlanError(f"cannot build a {self.scheduler} from the session's scheduler config "
                             f"({type(e).__name__}: {e})") from None
@@ -73,9 +75,11 @@ class SessionSpec:
                                        f"{', '.join(SUPPORTED_SCHEDULERS)}. Swap one in with --scheduler NAME (the "
                                        "Python API: scheduler=NAME); it keeps the folder's noise schedule, as "
                                        "diffusers' from_config does")
-        n = scheduler_steps(s, steps)
+        kwargs = model.timestep_kwargs() if hasattr(model, "timestep_kwargs") else {}
+        n = scheduler_steps(s, steps, **kwargs)
         spec = cls(prompt=prompt, plan=make(plan, n, **(plan_params or {})), scheduler=name,
-                   scheduler_config=dict(s.config), inference_steps=None if n == steps else steps, **fields)
+                   scheduler_config=dict(s.config), inference_steps=None if n == steps else steps,
+                   timestep_kwargs=kwargs, **fields)
         FusedSampler(spec.make_scheduler())  # its configuration too (thresholding, say)
         return spec
 
@@ -104,7 +108,8 @@ class SessionSpec:
                    seed=need_int(f"{field}.seed", d.get("seed", 0), 0, INT64[1]),
                    restart_solver=need_bool(f"{field}.restart_solver", d.get("restart_solver", False)),
                    inference_steps=None if d.get("inference_steps") is None else
-                   need_int(f"{field}.inference_steps", d["inference_steps"], 1, max_steps))
+                   need_int(f"{field}.inference_steps", d["inference_steps"], 1, max_steps),
+                   timestep_kwargs=_timestep_kwargs(f"{field}.timestep_kwargs", d.get("timestep_kwargs", {})))
 
     def to_msgpack(self):
         return msgpack.packb(self.to_plain(), use_bin_type=True)
@@ -174,12 +179,21 @@ def check_scheduler_config(field, config):
     return config
 
 
-def scheduler_steps(scheduler, inference_steps):
+def scheduler_steps(scheduler, inference_steps, **timestep_kwargs):
     """How many steps ``scheduler`` takes for diffusers' num_inference_steps (the length of its timesteps
     after set_timesteps): what a plan for it must cover. PNDM's PLMS takes one more."""
     s = type(scheduler).from_config(scheduler.config)
-    s.set_timesteps(inference_steps)
+    s.set_timesteps(inference_steps, **timestep_kwargs)
     return len(s.timesteps)
+
+
+def _timestep_kwargs(field, d):
+    """set_timesteps' extra arguments from the network: a few names, each a finite number."""
+    need_map(field, d, MAX_TIMESTEP_KWARGS)
+    for k, v in d.items():
+        need_str(f"{field}.{k}", k, MAX_NAME_CHARS, ("mu",))
+        need_number(f"{field}.{k}", v, -1e3, 1e3)
+    return d
 
 
 def _jsonable(value):

@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from latentwire.pipelines.sd import StableDiffusionModel
-from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.pipelines.models.sd import StableDiffusionModel
+from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make
 from latentwire.scheduler.serving.cloud import CloudServer
 from latentwire.scheduler.serving.edge import EdgeClient
@@ -105,10 +105,10 @@ class _FailsOn:
         cond, uncond = self.model.encode_prompt(prompt, negative)
         return (cond * float("nan"), uncond) if prompt == self.prompt else (cond, uncond)
 
-    def predict(self, x, t, cond, uncond, scheduler=None):
+    def predict(self, x, t, cond, uncond, scheduler=None, guidance=None):
         if torch.isnan(cond).any():
             raise RuntimeError("the model met NaN embeddings")
-        return self.model.predict(x, t, cond, uncond, scheduler=scheduler)
+        return self.model.predict(x, t, cond, uncond, scheduler=scheduler, guidance=guidance)
 
     def initial_noise(self, *args, **kwargs):
         return self.model.initial_noise(*args, **kwargs)

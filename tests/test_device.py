@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from latentwire.kernels import SolverState
-from latentwire.pipelines.sd import StableDiffusionModel
-from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.pipelines.models.sd import StableDiffusionModel
+from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make, run_plan, wire
 from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.wire import Codecs

@@ -8,7 +8,7 @@ import torch
 
 from latentwire.pipelines import embedded, judge, train_models, world
 from latentwire.pipelines.ideal import IdealDenoiser
-from latentwire.pipelines.sd import StableDiffusionModel
+from latentwire.pipelines.models.sd import StableDiffusionModel
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from latentwire.pipelines.sd import StableDiffusionModel
-from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.pipelines.models.sd import StableDiffusionModel
+from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.scheduler import Plan, Segment, SessionSpec, make, run_plan, wire
 from latentwire.scheduler.serving.cloud import CloudServer
 from latentwire.scheduler.serving.edge import EdgeClient
@@ -104,11 +104,11 @@ class _Poisoned:
     def encode_prompt(self, prompt, negative=""):
         return self.model.encode_prompt(prompt, negative)
 
-    def predict(self, x, t, cond, uncond, scheduler=None):
+    def predict(self, x, t, cond, uncond, scheduler=None, guidance=None):
         self.forwards += 1
         if any(torch.equal(row, self.poison[0]) for row in cond):
             raise RuntimeError("the model met a row it cannot take")
-        return self.model.predict(x, t, cond, uncond, scheduler=scheduler)
+        return self.model.predict(x, t, cond, uncond, scheduler=scheduler, guidance=guidance)
 
     def initial_noise(self, *args, **kwargs):
         return self.model.initial_noise(*args, **kwargs)
@@ -166,9 +166,9 @@ class _Slow:
     def encode_prompt(self, prompt, negative=""):
         return self.model.encode_prompt(prompt, negative)
 
-    def predict(self, x, t, cond, uncond, scheduler=None):
+    def predict(self, x, t, cond, uncond, scheduler=None, guidance=None):
         time.sleep(self.delay)
-        return self.model.predict(x, t, cond, uncond, scheduler=scheduler)
+        return self.model.predict(x, t, cond, uncond, scheduler=scheduler, guidance=guidance)
 
     def initial_noise(self, *args, **kwargs):
         return self.model.initial_noise(*args, **kwargs)

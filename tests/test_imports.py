@@ -32,7 +32,7 @@ def test_loading_the_exact_denoiser_does_not_import_the_training_scripts():
     modules = imported_by("from latentwire.pipelines import embedded\n"
                           "from latentwire.pipelines.ideal import IdealDenoiser\n"
                           "IdealDenoiser.from_pretrained(embedded.CLOUD_PATH, per_scene=1)")
-    assert "latentwire.pipelines.sd" in modules and not set(TRAINING) & set(modules)
+    assert "latentwire.pipelines.models.sd" in modules and not set(TRAINING) & set(modules)
 
 
 def test_the_training_script_takes_the_evaluation_settings_from_the_runtime():

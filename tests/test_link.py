@@ -55,7 +55,7 @@ def test_the_edge_delays_each_message_by_the_links_transfer_time_and_picks_its_c
         def encode_prompt(self, prompt, negative=""):
             return torch.zeros(1, 16, 32), torch.zeros(1, 16, 32)
 
-        def predict(self, x, t, cond, uncond, scheduler=None):
+        def predict(self, x, t, cond, uncond, scheduler=None, guidance=None):
             return torch.tanh(x), torch.tanh(x) * 0.5
 
     server = CloudServer(Cloud(), f"ipc://{tmp_path}/c.sock")

@@ -20,7 +20,7 @@ class StandIn:
         code = lambda s: torch.tensor([float(sum(map(ord, s)) % 17)]).reshape(1, 1, 1)  # noqa: E731
         return code(prompt), code(negative)
 
-    def predict(self, x, t, cond, uncond, scheduler=None):
+    def predict(self, x, t, cond, uncond, scheduler=None, guidance=None):
         self.calls += 1
         base = torch.tanh(self.scale * x) * (1 + t / 1000)
         return base + 0.01 * cond.reshape(1, 1, 1, 1), base + 0.01 * uncond.reshape(1, 1, 1, 1)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from latentwire.kernels import UnsupportedScheduler
-from latentwire.pipelines.sd import StableDiffusionModel
-from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.pipelines.models.sd import StableDiffusionModel
+from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, run_plan
 from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.wire import Codecs

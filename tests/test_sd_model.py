@@ -1,4 +1,4 @@
-"""StableDiffusionModel against diffusers' StableDiffusionPipeline on the tiny random pair of pipelines/tiny.py:
+"""StableDiffusionModel against diffusers' StableDiffusionPipeline on the tiny random pair of pipelines/models/tiny.py:
 the same text embeddings, initial noise, final latents and images."""
 import copy
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from latentwire.pipelines.sd import StableDiffusionModel, scale_model_input
-from latentwire.pipelines.tiny import MAX_LENGTH, WORDS, save_tiny_pair, save_tiny_pipeline
+from latentwire.pipelines.models.sd import StableDiffusionModel, scale_model_input
+from latentwire.pipelines.models.tiny import MAX_LENGTH, WORDS, save_tiny_pair, save_tiny_pipeline
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -7,8 +7,8 @@ import time
 import daemons
 import pytest
 
-from latentwire.pipelines.sd import StableDiffusionModel
-from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.pipelines.models.sd import StableDiffusionModel
+from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make
 from latentwire.scheduler.serving.edge import CloudRefused, CloudUnavailable, EdgeClient
 from latentwire.scheduler.serving.security import KeyError_, write_keys

@@ -15,8 +15,8 @@ import pytest
 import torch
 import zmq
 
-from latentwire.pipelines.sd import StableDiffusionModel
-from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.pipelines.models.sd import StableDiffusionModel
+from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.protocol import wire_bytes
 from latentwire.scheduler import SessionSpec, make, run_plan, wire
 from latentwire.scheduler.serving.cloud import CloudServer
@@ -56,9 +56,9 @@ class _Slow:
     def encode_prompt(self, prompt, negative=""):
         return self.model.encode_prompt(prompt, negative)
 
-    def predict(self, x, t, cond, uncond, scheduler=None):
+    def predict(self, x, t, cond, uncond, scheduler=None, guidance=None):
         time.sleep(self.delay)
-        return self.model.predict(x, t, cond, uncond, scheduler=scheduler)
+        return self.model.predict(x, t, cond, uncond, scheduler=scheduler, guidance=guidance)
 
     def initial_noise(self, *args, **kwargs):
         return self.model.initial_noise(*args, **kwargs)

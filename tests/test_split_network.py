@@ -11,8 +11,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from latentwire.pipelines.sd import StableDiffusionModel
-from latentwire.pipelines.tiny import save_tiny_pair
+from latentwire.pipelines.models.sd import StableDiffusionModel
+from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make, run_plan
 from latentwire.scheduler.serving.edge import CloudError, CloudUnavailable, EdgeClient
 from latentwire.scheduler.wire import Codecs

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels import FusedSampler
+from ...kernels import FusedSampler
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -131,8 +131,14 @@ class StableDiffusionModel:
             mask = tokens.attention_mask.to(self.device)
         return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
 
+    family = "sd"
+
+    def timestep_kwargs(self):
+        """set_timesteps takes nothing more for this family."""
+        return {}
+
     @torch.no_grad()
-    def predict(self, x, t, cond, uncond=None, *, scheduler=None):
+    def predict(self, x, t, cond, uncond=None, *, scheduler=None, guidance=None):
         """(u(c_in x_t, t, cond), u(c_in x_t, t, uncond)): the UNet's two raw predictions at x_t, unguided, in
         the scheduler's prediction_type (epsilon for SD 1.x, v for SD 2.x-v and the world models).
 
@@ -142,6 +148,7 @@ class StableDiffusionModel:
             does that at guidance_scale <= 1) and the second result is None.
         scheduler: the scheduler whose timesteps t comes from, after set_timesteps (default self.scheduler);
             its scale_model_input gives c_in. It must not have been stepped by diffusers itself.
+        guidance: unused (guidance combines the two predictions outside, in the fused step).
 
         One UNet call on the batch cat([x, x]) with embeddings cat([uncond, cond]), as the pipeline batches
         classifier-free guidance.
