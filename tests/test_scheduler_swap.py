@@ -60,6 +60,30 @@ def test_a_scheduler_swapped_in_the_diffusers_way_serves_a_split(cloud, pndm_pai
     assert torch.equal(latent, run_plan(spec, models)[0])
 
 
+@pytest.mark.parametrize("plan", ["hybrid-sd", "cloud-only"])
+def test_a_folder_with_its_own_pndm_scheduler_splits_with_plms_state_crossing(cloud, pndm_pair, models, tmp_path,
+                                                                             plan):
+    run = _edge(cloud, pndm_pair[1], tmp_path / "pndm.png", "--plan", plan)  # no --scheduler: the folder's PNDM
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["cloud_model_calls"] + summary["edge_model_calls"] == 7  # PLMS: 6 inference steps, 7 calls
+    spec = SessionSpec.for_model(models["edge"], PROMPT, plan=plan, steps=6, seed=2)
+    assert spec.scheduler == "PNDMScheduler" and spec.plan.num_steps == 7 and spec.inference_steps == 6
+    latent, _ = EdgeClient(cloud, models["edge"], codecs=EXACT, timeout_s=WAIT_S).generate(spec)
+    assert torch.equal(latent, run_plan(spec, models)[0])  # the PLMS history crossed with the latent
+
+
+def test_pndm_cloud_only_over_the_network_equals_the_diffusers_pipeline(cloud, pndm_pair, models):
+    from diffusers import StableDiffusionPipeline
+
+    spec = SessionSpec.for_model(models["edge"], PROMPT, plan="cloud-only", steps=6, seed=2, guidance_scale=6.0)
+    latent, _ = EdgeClient(cloud, models["edge"], codecs=EXACT, timeout_s=WAIT_S).generate(spec)
+    pipe = StableDiffusionPipeline.from_pretrained(pndm_pair[0], safety_checker=None, requires_safety_checker=False)
+    expected = pipe(PROMPT, num_inference_steps=6, guidance_scale=6.0, generator=torch.Generator().manual_seed(2),
+                    output_type="latent").images
+    assert ((latent - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--scheduler", "UniPCMultistepScheduler"], "scheduler UniPCMultistepScheduler is not supported"),
     (["--scheduler", "NoSuchScheduler"], "is not a diffusers scheduler class"),

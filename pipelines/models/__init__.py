@@ -33,6 +33,10 @@ from .sd import StableDiffusionModel
 # model_index.json's _class_name -> (module, class) of the family that loads it
 FAMILIES = {
     "StableDiffusionPipeline": ("sd", "StableDiffusionModel"),
+    "StableDiffusionXLPipeline": ("sdxl", "StableDiffusionXLModel"),
+    "StableDiffusion3Pipeline": ("sd3", "StableDiffusion3Model"),
+    "FluxPipeline": ("flux", "FluxModel"),
+    "CogVideoXPipeline": ("cogvideox", "CogVideoXModel"),
 }
 
 
