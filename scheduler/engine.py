@@ -15,10 +15,13 @@ Each turn takes the oldest session's group: up to ``max_batch`` sessions with it
 class, configuration and length: the model's input scaling depends on it), oldest first. Each session
 in the group takes one step: those at a real step share one model forward on their stacked latents,
 timesteps and text embeddings; those at a forecast step need none. Each row then takes its own fused
-step, the very code a session running alone takes (scheduler/segments.py), so a group of one is the
-plain case, not a second path, and a split run equals the one-process run bit for bit. A group whose
-forward fails is run again row by row, so only the sessions whose own call fails end (with a `model`
-error); the others go on. With max_batch 1 the oldest session runs whole, then the next.
+step, the very code a session running alone takes (scheduler/segments.py). A group of one is the plain
+case, not a second path: its forward is the one-process run's call, so a split run equals the one-process
+run bit for bit; in a larger group a session ends within the forward's own batching rounding (1e-5 on
+the tiny models) of the same session alone. A group whose forward fails is run again row by row, so only
+the sessions whose own call fails end (with a `model` error); the others go on. A session whose latent
+stops being finite, or whose reply cannot be encoded, ends alone too. With max_batch 1 the oldest session
+runs whole, then the next.
 """
 import logging
 import os
@@ -63,7 +66,6 @@ class Ticket:
     session_id: str
     admitted: float
     deadline: float
-    key: object = None  # the front end's name for it (the daemon: (peer, request id))
     step: int = 0
     started: Optional[float] = None
     cancelled: bool = False
@@ -74,7 +76,6 @@ class Ticket:
 class _Session:
     ticket: Ticket
     request: wire.Run
-    spec: object = None
     batch_key: tuple = None
     run: SegmentRun = None
     last_segment: bool = False  # its segments end the plan: no solver state goes back
@@ -108,12 +109,12 @@ class CloudEngine:
 
     # -- any thread ---------------------------------------------------------------------------------------
 
-    def submit(self, request, emit, client=b"", key=None):
+    def submit(self, request, emit, client=b""):
         """Admit a wire.Run -> its Ticket, or raise Refused (stopping, busy, over a limit)."""
         limits, now = self.limits, time.monotonic()
         deadline_s = limits.max_deadline_s if request.deadline_s is None else min(request.deadline_s,
                                                                                   limits.max_deadline_s)
-        ticket = Ticket(emit, client, request.session_id, now, now + deadline_s, key,
+        ticket = Ticket(emit, client, request.session_id, now, now + deadline_s,
                         step=request.session.plan.segments[request.segments[0]].start)
         with self._lock:
             if self._stopping:
@@ -128,8 +129,8 @@ class CloudEngine:
             self._admitted += 1
             self._per_client[client] = mine + 1
             self._inbox.append(_Session(ticket, request))
+            self.metrics.active.set(self._admitted)
             self._wake.notify()
-        self.metrics.active.set(self._admitted)
         log.info("admitted", extra=fields(session=ticket.session_id, plan=request.session.plan.name,
                                           segments=list(request.segments), steps=request.session.plan.num_steps,
                                           queued=self._admitted - 1))
@@ -155,7 +156,7 @@ class CloudEngine:
         with self._lock:
             jobs = self._admitted
         running = sum(1 for s in list(self._active) if s.ticket.started is not None)
-        return wire.Health("stopping" if self._stopping else "ok", jobs, running, os.getpid(), self.max_batch,
+        return wire.Health("stopping" if self._stopping else "ok", jobs, running, self.worker, self.max_batch,
                            round(time.monotonic() - self._started, 3))
 
     # -- the stepping thread ------------------------------------------------------------------------------
@@ -169,13 +170,7 @@ class CloudEngine:
                 if not self._inbox and not self._active:
                     self._wake.wait(IDLE_WAIT_S)
                     continue
-            try:
-                wait = self._turn()
-            except Exception as e:  # a bug here must not strand the sessions: they end, the engine serves on
-                log.exception("a turn failed")
-                for s in list(self._active):
-                    self._end(s, "error", wire.Error("model", f"the cloud failed: {type(e).__name__}: {e}"))
-                continue
+            wait = self._safe_turn()
             if wait:
                 with self._lock:
                     if not self._inbox:
@@ -184,11 +179,22 @@ class CloudEngine:
     def turn(self):
         """One turn (see the module doc) -> whether requests remain. For a caller that drives the engine
         itself; a group waiting for company (max_wait_s) waits here."""
-        wait = self._turn()
+        wait = self._safe_turn()
         if wait:
             time.sleep(wait)
         with self._lock:
             return bool(self._inbox or self._active)
+
+    def _safe_turn(self):
+        """_turn, and if a bug escapes it (each session's own failures are caught inside), the sessions of
+        the turn end with an error rather than being stranded; the engine serves on."""
+        try:
+            return self._turn()
+        except Exception as e:
+            log.exception("a turn failed")
+            for s in list(self._active):
+                self._end(s, "error", wire.Error("model", f"the cloud failed: {type(e).__name__}: {e}"))
+            return 0.0
 
     def _turn(self):
         """-> seconds the oldest group waits for company (0: it stepped, or nothing to do)."""
@@ -199,7 +205,7 @@ class CloudEngine:
                 self._end(s, "cancelled", None)
             elif now > s.ticket.deadline:
                 self._end(s, "deadline", wire.Error("deadline", f"the session's deadline passed at step "
-                                                                f"{s.run.step} of {s.spec.plan.num_steps}"))
+                                                                f"{s.run.step} of {s.request.session.plan.num_steps}"))
         if not self._active:
             return 0.0
         first = self._active[0]
@@ -219,7 +225,11 @@ class CloudEngine:
             self._forward(real)
         for s in group:
             if s.run.done and not s.ticket.done:
-                self._end(s, "finished", self._handoff(s))
+                if torch.isfinite(s.run.x).all():
+                    self._end(s, "finished", self._handoff(s))
+                else:  # nothing could decode it, nor continue from it
+                    self._end(s, "error", wire.Error("model", "the session's latent is no longer finite (NaN or "
+                                                              "inf) at its handoff: its inputs or plan diverged"))
         return 0.0
 
     def _wait_for_company(self, group, now):
@@ -254,7 +264,7 @@ class CloudEngine:
     def _predict(self, group):
         """The model's raw predictions for each session of group -> [(cond, uncond)] rows (B = 1 each)."""
         scheduler = group[0].run.sampler.scheduler
-        if len(group) == 1:  # exactly the call a session running alone makes
+        if len(group) == 1:  # nothing to stack: the very call a session running alone makes
             run = group[0].run
             x, t = run.model_input()
             return [self.model.predict(x, t, *run.conditioning, scheduler=scheduler, guidance=run.guidance)]
@@ -310,7 +320,7 @@ class CloudEngine:
     def _open(self, s):
         """Check a request against this model and set up its run."""
         request, model = s.request, self.model
-        spec = s.spec = request.session
+        spec = request.session
         plan = spec.plan
         a, b = request.segments
         if any(seg.side != "cloud" for seg in plan.segments[a:b]):
@@ -350,13 +360,13 @@ class CloudEngine:
         every, ticket = self.preview_every, s.ticket
 
         def after_step(i, t, x_t, m, real):
-            if every and (i + 1) % every == 0:  # the latent at the start of step i: what an edge resumes from
-                ticket.emit(wire.Preview(i, self.worker, x_t))
+            if every and (i + 1) % every == 0 and torch.isfinite(x_t).all():  # the latent at the start of step
+                ticket.emit(wire.Preview(i, self.worker, x_t))  # i: what an edge resumes from
 
         return after_step
 
     def _handoff(self, s):
-        spec, run = s.spec, s.run
+        spec, run = s.request.session, s.run
         # the edge needs the solver state only if it runs steps after these and does not restart
         send_state = bool(run.state) and not s.last_segment and not spec.restart_solver
         step = run.step
@@ -377,9 +387,9 @@ class CloudEngine:
                 self._per_client[ticket.client] = left
             else:
                 del self._per_client[ticket.client]
+            self.metrics.active.set(self._admitted)
         seconds = time.monotonic() - ticket.admitted
         self.metrics.sessions.labels(outcome).inc()  # counted and logged before the edge hears of it
-        self.metrics.active.set(self._admitted)
         if outcome == "finished":
             self.metrics.latency.observe(seconds)
         run = s.run
@@ -387,7 +397,21 @@ class CloudEngine:
                                        model_calls=run.calls if run is not None else 0, seconds=round(seconds, 4),
                                        **({"reason": event.message} if isinstance(event, wire.Error) else {})))
         if event is not None:
+            self._emit(ticket, event)
+
+    def _emit(self, ticket, event):
+        """Send a session's last event; if it cannot be sent (a latent no codec can encode, say), the
+        session gets an error in its place, and never takes another session with it."""
+        try:
             ticket.emit(event)
+        except Exception as e:
+            log.exception("an event could not be sent", extra=fields(session=ticket.session_id))
+            if not isinstance(event, wire.Error):
+                try:
+                    ticket.emit(wire.Error("model", f"the cloud could not send its {type(event).__name__.lower()}: "
+                                                    f"{type(e).__name__}: {e}"))
+                except Exception:
+                    log.exception("nor could its error", extra=fields(session=ticket.session_id))
 
 
 def _stack(conditionings):

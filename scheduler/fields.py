@@ -9,6 +9,7 @@ import math
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 MAX_SHOWN = 80  # characters of a bad value quoted in an error
+MAX_FIELD_CHARS = 200  # of a field's name in an error: a hostile key can be 60 KB long
 
 
 class FieldError(ValueError):
@@ -17,6 +18,7 @@ class FieldError(ValueError):
     field: its dotted path (``session.scheduler_config.beta_start``); the text says what was expected."""
 
     def __init__(self, field, value, expected, code="refused"):
+        field = field[:MAX_FIELD_CHARS]
         self.field, self.code = field, code
         shown = repr(value)
         if len(shown) > MAX_SHOWN:
@@ -27,6 +29,7 @@ class FieldError(ValueError):
     def because(cls, field, reason, code="refused"):
         """A field whose value is well typed but does not make sense (the reason says why)."""
         e = cls.__new__(cls)
+        field = field[:MAX_FIELD_CHARS]
         e.field, e.code = field, code
         ValueError.__init__(e, f"field {field!r}: {reason}")
         return e

@@ -156,6 +156,8 @@ def check(plan):
         if seg.renoise:
             if j == 0:
                 raise PlanError(f"{where}: the first segment has no latent to re-noise")
+            if any(s.renoise for s in plan.segments[:j]):  # else a plan could redo its schedule without bound
+                raise PlanError(f"{where}: a plan re-noises at most once (preview-refine's refine)")
         elif seg.start != expected:
             raise PlanError(f"{where}: starts at step {seg.start}, but the plan is at step {expected}; "
                             "segments must follow each other (only a re-noising segment may go back)")

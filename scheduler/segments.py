@@ -65,12 +65,14 @@ class SegmentRun:
         else:
             info = s.step([pred_uncond, pred_cond], [1.0 - self._g, self._g])
         self.x, self.state = s.x, s.state
-        if not info[4]:
+        i, t, x_t, m, real = info
+        if real:
+            self.calls += 1
+        else:
             self.forecasts += 1
         if self.callback is not None:
-            self.callback(*info)
+            self.callback(i, t, x_t, m, real)
         if s.done:
-            self.calls += s.calls
             self._next_segment()
 
     def _next_segment(self):

@@ -38,8 +38,8 @@ LATENT, SOLVER = "latent", "solver/"  # the protocol's tensor names (SPEC.md sec
 REQUESTS = ("run", "cancel", "health")
 REPLIES = ("beat", "preview", "handoff", "error", "health")
 CODES = ("refused", "limit", "busy", "deadline", "model", "unavailable")
-# error codes an edge may retry elsewhere: this cloud cannot take or finish the request, another one may
-RETRYABLE = ("busy", "unavailable", "deadline")
+# error codes an edge may retry elsewhere: this cloud cannot take the request now, another one may
+RETRYABLE = ("busy", "unavailable")
 DEFAULT_CODECS = {"latent": ("int8", 3), "state": ("fp16", 0), "preview": ("int8", 1)}
 MAX_ZSTD_LEVEL = 22
 MAX_ID_CHARS = 64

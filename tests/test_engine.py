@@ -67,7 +67,8 @@ def test_the_engine_serves_sessions_from_python_and_a_group_of_one_equals_one_pr
     _drain(engine)
     for spec, out in zip(specs, events):
         *previews, handoff = out
-        assert all(isinstance(p, wire.Preview) for p in previews) and [p.step for p in previews] == [1, 3, 5, 7][:len(previews)]
+        assert all(isinstance(p, wire.Preview) for p in previews)
+        assert [p.step for p in previews] == list(range(1, spec.plan.num_steps, 2))  # every second step
         assert isinstance(handoff, wire.Handoff) and handoff.step_index == spec.plan.num_steps
         expected, summary = run_plan(spec, models)
         assert torch.equal(handoff.latent, expected)  # max_batch 1: each session alone, the plain case
@@ -136,6 +137,42 @@ def test_a_failing_session_in_a_batch_ends_alone_and_the_others_equal_their_solo
         expected, _ = run_plan(spec, models)
         assert ((events[name][-1].latent - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     assert 2 in engine.batch_sizes  # after the bad one left, the good ones batched again
+    assert engine.health().jobs == 0 and not engine._per_client  # every admission was given back
+
+
+def test_a_session_that_diverges_ends_alone_with_an_error_and_the_others_finish(models):
+    cloud = models["cloud"]
+    engine = CloudEngine(cloud, max_batch=4)
+    # EC-Diff's slope scaled by a million: finite inputs, a latent that overflows within its steps
+    diverging = _spec(cloud, Plan("boom", 40, (Segment("cloud", 0, 40, ("ecdiff", 2, 3, 1e6)),)), seed=5)
+    good = _spec(cloud, make("cloud-only", 6), "a blue square", 6)
+    events = {"boom": [], "good": []}
+    engine.submit(_run(cloud, diverging), events["boom"].append)
+    engine.submit(_run(cloud, good), events["good"].append)
+    _drain(engine)
+    boom = events["boom"][-1]
+    assert isinstance(boom, wire.Error) and boom.code == "model" and "no longer finite" in boom.message
+    expected, _ = run_plan(good, models)
+    assert ((events["good"][-1].latent - expected).abs().max() / expected.abs().max()).item() <= 1e-5
+    assert engine.health().jobs == 0
+
+
+def test_an_event_that_cannot_be_sent_ends_its_session_alone(models):
+    cloud = models["cloud"]
+    engine = CloudEngine(cloud)
+    sent = []
+
+    def unsendable(event):  # as the daemon's emitter fails on a latent no codec can encode
+        if isinstance(event, wire.Handoff):
+            raise ValueError("cannot encode this latent")
+        sent.append(event)
+
+    engine.submit(_run(cloud, _spec(cloud, make("cloud-only", 3))), unsendable)
+    other = []
+    engine.submit(_run(cloud, _spec(cloud, make("cloud-only", 3), seed=9)), other.append)
+    _drain(engine)
+    assert isinstance(sent[-1], wire.Error) and "could not send its handoff" in sent[-1].message
+    assert isinstance(other[-1], wire.Handoff) and engine.health().jobs == 0
 
 
 def test_the_engine_refuses_what_its_limits_forbid(models):

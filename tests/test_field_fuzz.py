@@ -186,8 +186,32 @@ def test_a_field_fuzzed_daemon_answers_every_message_and_names_the_field(daemon,
     assert isinstance(_final(sock, probe), wire.Health) and proc.poll() is None
 
 
+BAD_TENSORS = [  # (name, tensor) a run request may carry, each of which the cloud must refuse alone
+    ("latent", torch.full((1, 4, 8, 8), math.nan)), ("latent", torch.full((1, 4, 8, 8), math.inf)),
+    ("latent", torch.full((1, 4, 8, 8), 3e38)), ("latent", torch.zeros(1, 4, 8, 9)), ("latent", torch.zeros(4, 8, 8)),
+    ("latent", torch.zeros(2, 4, 8, 8)), ("solver/x0_prev", torch.zeros(1, 4, 8, 9)), ("solver/ets.7", torch.zeros(1)),
+    ("solver/secret", torch.zeros(1, 4, 8, 8)), ("surprise", torch.zeros(1, 4, 8, 8)),
+]
+
+
+@pytest.mark.parametrize("name, tensor", BAD_TENSORS, ids=lambda v: v if isinstance(v, str) else None)
+def test_a_bad_tensor_in_a_run_request_is_refused_or_fails_alone(daemon, models, name, tensor):
+    from latentwire.protocol import encode_message
+
+    proc, bind, sock = daemon
+    meta = _valid(models)["run"]
+    request = next(_counter).to_bytes(4, "big")
+    sock.send_multipart([request] + encode_message({name: tensor}, meta, codec="fp32", level=0))
+    reply = _final(sock, request)
+    assert isinstance(reply, wire.Error) and reply.code in ("refused", "model"), (name, reply)
+    probe = next(_counter).to_bytes(4, "big")
+    _send(sock, probe, _valid(models)["health"])
+    assert isinstance(_final(sock, probe), wire.Health) and proc.poll() is None
+
+
 def test_after_the_fuzz_a_valid_session_equals_its_solo_run(daemon, models):
     proc, bind, _ = daemon
     spec = _spec(models["cloud"], steps=6)
     latent, summary = EdgeClient(bind, models["edge"], codecs=EXACT, timeout_s=WAIT_S).generate(spec)
     assert torch.equal(latent, run_plan(spec, models)[0]) and proc.poll() is None
+    assert EdgeClient(bind, None, timeout_s=WAIT_S).health()["jobs"] == 0  # no session was stranded

@@ -349,3 +349,22 @@ def test_a_broker_and_a_worker_started_apart_serve_an_edge(pair, models, tmp_pat
             assert daemons.stop(worker) == 0
     finally:
         assert daemons.stop(broker) == 0
+
+
+def test_a_long_request_id_is_dropped_and_a_reused_one_is_refused_while_in_flight(models, tmp_path):
+    bind = f"ipc://{tmp_path}/ids.sock"
+    with _Served(_Slow(models["cloud"], 0.02), bind):
+        sock = _raw(bind)
+        sock.send_multipart([b"x" * 65] + _run_request(_spec(models["cloud"], 4), models["cloud"]))  # never echoed
+        assert not sock.poll(500)
+        frames = _run_request(_spec(models["cloud"], 60), models["cloud"])
+        sock.send_multipart([b"same"] + frames)
+        sock.send_multipart([b"same"] + frames)  # while the first is in flight
+        kinds = []
+        while not any(isinstance(m, wire.Handoff) for m in kinds):
+            rid, m = _reply(sock)
+            assert rid == b"same"
+            kinds.append(m)
+        errors = [m for m in kinds if isinstance(m, wire.Error)]
+        assert len(errors) == 1 and "in flight already" in errors[0].message
+        sock.close()

@@ -84,9 +84,27 @@ def test_each_field_is_checked_and_named(changes, field):
     {"session__guidance_scale": -100.0}, {"session__prompt": "a" * MAX_PROMPT_CHARS}, {"codecs__latent": ["int4", 22]},
     {"codecs__latent": ["fp32", 0]}, {"deadline_s": None}, {"session__scheduler_config__mystery": "a"},
     {"session__scheduler_config__lambda_min_clipped": -math.inf}, {"session__plan__segments__0__3": []},
+    {"session_id": "x" * 64}, {"session__scheduler_config__num_train_timesteps": 10_000},
+    {"session__plan": {"name": "many", "num_steps": 64, "segments": [["cloud", i, i + 1, [], False] for i in range(64)]}},
 ])
 def test_values_at_each_limits_edge_are_accepted(changes):
     assert isinstance(_parse(_meta(**changes)), wire.Run)
+
+
+def test_a_plan_re_noises_at_most_once():
+    once = [["edge", 0, 10, [], False], ["cloud", 5, 10, [], True]]
+    assert isinstance(_parse(_meta(session__plan={"name": "pr", "num_steps": 10, "segments": once}, segments=[1, 2])),
+                      wire.Run)
+    twice = once + [["cloud", 0, 10, [], True]] * 1  # redoing the schedule again and again is refused
+    with pytest.raises(FieldError, match="re-noises at most once") as e:
+        _parse(_meta(session__plan={"name": "pr", "num_steps": 10, "segments": twice}))
+    assert e.value.field == "session.plan.segments"
+
+
+def test_an_error_names_a_hostile_field_in_a_bounded_length():
+    with pytest.raises(FieldError) as e:
+        _parse(_meta(**{"session__" + "k" * 60_000: 1}))
+    assert len(e.value.field) <= 200 and e.value.field.startswith("session.kkk")
 
 
 def test_the_step_limit_is_checked_before_the_schedule_is_built():

@@ -37,9 +37,12 @@ from .security import KeyError_, connect_curve, is_loopback, serve_curve
 POLL_MS = 100  # the longest the I/O loop sleeps before it looks at its stop flag and its beats
 HEARTBEAT_S = 1.0  # edges presume the cloud dead after several missed beats (EdgeClient.heartbeat_timeout_s)
 MAX_READS = 1000  # messages taken per look at the socket, so a flood cannot starve the beats and replies
+MAX_READ_S = 0.25  # ... and seconds spent reading them (a fraction of a heartbeat interval)
+MAX_REQUEST_ID_BYTES = 64  # the edge's request id, echoed in every reply: a uuid is 16
+STOP_LINGER_MS = 2000  # on a graceful stop, how long the last replies may take to leave
 FRAME_HEADROOM = 1 << 20
 LINGER_MS = 0  # unsent replies are dropped at close: an edge waiting on them times out by itself
-STOP_JOIN_S = 10.0  # the engine thread has finished its sessions when it is asked to join
+STOP_JOIN_S = 10.0  # after a graceful stop the engine has finished already; after an error, its turn in flight
 log = logging.getLogger("latentwire.cloud")
 
 
@@ -129,17 +132,23 @@ class CloudServer:
                 if self._outbox in ready:
                     self._forward()
                 if self._sock in ready:
+                    until = time.monotonic() + min(MAX_READ_S, self.heartbeat_s / 2)
                     for _ in range(MAX_READS):
                         self._receive(self._sock.recv_multipart(copy=False))
-                        if not self._sock.poll(0):
+                        if time.monotonic() > until or not self._sock.poll(0):
                             break
                 self._beat()
             self._forward()  # what the engine sent last
+            self._sock.linger = STOP_LINGER_MS  # and let it leave before the socket closes
         finally:
             self.engine.stop()
             engine.join(timeout=STOP_JOIN_S)
-            for sock in (self._outbox_push, self._outbox, self._sock):
-                sock.close()
+            if engine.is_alive():  # only after an error in this loop: the engine still owns its socket
+                log.error("the engine did not stop in time; its sessions are abandoned")
+            else:
+                self._outbox_push.close()
+            self._outbox.close()
+            self._sock.close()
             if self._auth is not None:
                 self._auth.stop()
 
@@ -197,6 +206,9 @@ class CloudServer:
             log.warning("dropped a message of %d frames", len(frames), extra=fields(peer=bytes(frames[0]).hex()))
             return
         peer, request, body = bytes(frames[0]), bytes(frames[1]), frames[2:]
+        if len(request) > MAX_REQUEST_ID_BYTES:  # it would be held and echoed in every beat: not answered
+            log.warning("dropped a message with a %d-byte request id", len(request), extra=fields(peer=peer.hex()))
+            return
         size = wire_bytes(body)
         self.metrics.bytes.labels("in").inc(size)
         if size > self.limits.max_message_bytes:
@@ -219,9 +231,11 @@ class CloudServer:
             return self._send(peer, request, self.engine.health())
         if self._stop.is_set():
             return self._refuse(peer, request, wire.Error("unavailable", "this cloud worker is stopping; try again"))
+        if (peer, request) in self._tickets and not self._tickets[peer, request].done:
+            return self._refuse(peer, request, wire.Error("refused", "a request with this id is in flight already; "
+                                                                     "give each request an id of its own"))
         try:
-            ticket = self.engine.submit(msg, self._emitter(peer, request, msg.codecs), _client(frames, peer),
-                                        key=(peer, request))
+            ticket = self.engine.submit(msg, self._emitter(peer, request, msg.codecs), _client(frames, peer))
         except Refused as e:
             return self._refuse(peer, request, e.error)
         self._tickets[peer, request] = ticket

@@ -25,6 +25,7 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 10.0  # the cloud beats every second, during model
 DEFAULT_RETRIES = 2
 RETRY_BACKOFF_S = 0.2  # times the attempt number: a busy worker gets a moment
 POLL_MS = 100  # how often a wait looks at the cancel flag
+DEADLINE_MARGIN_S = 2.0  # the cloud's deadline falls this long before the edge's own timeout
 CANCEL_LINGER_MS = 200
 LINGER_MS = 0
 
@@ -60,8 +61,9 @@ class EdgeClient:
         chosen for that link (least encode + transfer + decode time within the budget), measured once
         on a latent of the model's size. link: an emulated scheduler.link.Link, delaying every message
         sent and received by its transfer time (``sleep`` is how; tests pass a recorder).
-        timeout_s bounds each request's wait here; deadline_s (default timeout_s) is the time the cloud
-        gives the request before it ends it with a `deadline` error; heartbeat_timeout_s: a
+        timeout_s bounds each request's wait here; deadline_s (default: timeout_s less a margin, so that the
+        cloud's `deadline` error arrives before this edge stops waiting) is the time the cloud gives the
+        request before it ends it with a `deadline` error; heartbeat_timeout_s: a
         cloud silent that long (no heartbeat, preview or reply) is presumed dead (None: wait for
         timeout_s); the cloud beats during its model steps too, so a slow step is not silence: a cloud
         that beats without progress for that long is reported to on_slow(step, seconds). retries: how many more times a
@@ -80,7 +82,7 @@ class EdgeClient:
         self.fallback = fallback
         self._last_preview = None
         self.timeout_s, self.heartbeat_timeout_s, self.retries = timeout_s, heartbeat_timeout_s, retries
-        self.deadline_s = timeout_s if deadline_s is None else deadline_s
+        self.deadline_s = max(timeout_s - DEADLINE_MARGIN_S, timeout_s / 2) if deadline_s is None else deadline_s
         self.session_id = None  # the id of the last generation, as the cloud's logs name it
         self.worker = None  # the pid of the cloud worker that sent the last preview or handoff
         self.attempts = 0  # requests sent, retries included, over this client's life
@@ -116,8 +118,8 @@ class EdgeClient:
                 if plan.segments[a].side == "cloud":
                     try:
                         x, state, calls, forecasts = self._remote(spec, a, b, x, state)
-                    except CloudUnavailable:
-                        if not self.fallback:
+                    except CloudUnavailable as e:
+                        if not self.fallback or isinstance(e, CloudRefused):  # a key mistake is no outage
                             raise
                         if conditioning is None:
                             conditioning = self.model.encode_prompt(spec.prompt, spec.negative_prompt)
@@ -251,6 +253,8 @@ class EdgeClient:
     def _check_handoff(self, reply, spec, b):
         """The cloud's handoff must continue this generation where the plan says it does."""
         stop = spec.plan.segments[b - 1].stop
+        if reply.seed != spec.seed:
+            raise CloudError(f"the cloud's handoff is of seed {reply.seed}, this session's is {spec.seed}")
         if reply.step_index != stop:
             raise CloudError(f"the cloud handed off at step {reply.step_index}; segments ending at step {stop} "
                              "were asked for (a cloud of another version?)")
@@ -300,10 +304,13 @@ class EdgeClient:
             if self._cancel.is_set():
                 raise Cancelled("the generation was cancelled")
             now = time.monotonic()
-            if now >= deadline:
-                raise CloudUnavailable(f"no answer from the cloud at {self.connect} within {self.timeout_s:g} s: "
-                                       "is `latentwire cloud` running there, and reachable?")
-            ready = dict(poller.poll(min(POLL_MS, int((deadline - now) * 1000) + 1)))
+            ready = dict(poller.poll(0 if now >= deadline else min(POLL_MS, int((deadline - now) * 1000) + 1)))
+            if now >= deadline and sock not in ready:  # what waited in the socket is read before giving up
+                if last_step is None and heard == start:
+                    raise CloudUnavailable(f"no answer from the cloud at {self.connect} within {self.timeout_s:g} s: "
+                                           "is `latentwire cloud` running there, and reachable?")
+                raise CloudUnavailable(f"the cloud at {self.connect} is alive but did not finish within "
+                                       f"{self.timeout_s:g} s (last at step {last_step})")
             reason = self._refused(monitor) if monitor in ready else None
             if reason:
                 raise CloudRefused(f"the cloud at {self.connect} refused this edge: {reason}")
@@ -345,7 +352,7 @@ class EdgeClient:
                     self.on_preview(m.step, m.latent)
                 continue
             if isinstance(m, wire.Error):
-                if m.code in wire.RETRYABLE and m.code != "deadline":
+                if m.code in wire.RETRYABLE:
                     raise _Retryable(f"the cloud at {self.connect} turned the request away: {m.message}")
                 if m.code == "deadline":
                     raise CloudUnavailable(f"the cloud at {self.connect} did not finish in time: {m.message}")
