@@ -126,7 +126,10 @@ class Taylor:
         if not self.is_real(i):
             return history  # only real outputs define the polynomial
         n = self.order + 1
-        return History((history.outputs + [m])[-n:], (history.times + [float(t)])[-n:])
+        outputs, times = history.outputs, history.times
+        if times and times[-1] == float(t):  # a repeated timestep (PNDM's PLMS): the newer output replaces it,
+            outputs, times = outputs[:-1], times[:-1]  # as two nodes at one t define no polynomial
+        return History((outputs + [m])[-n:], (times + [float(t)])[-n:])
 
 
 class Stepper:

@@ -113,3 +113,21 @@ def test_taylor_in_sigma_is_exact_when_the_model_output_is_a_polynomial_in_sigma
     torch.testing.assert_close(skipped, every, rtol=1e-4, atol=1e-4 * every.abs().max().item())
     with pytest.raises(ValueError, match="variable"):
         Taylor(1, variable="lambda")
+
+
+def test_taylor_takes_a_repeated_timestep_as_one_node():
+    """PNDM's PLMS schedule repeats its second timestep: two real outputs at one t are one node (the newer)."""
+    import diffusers
+
+    s = diffusers.PNDMScheduler(skip_prk_steps=True)
+    s.set_timesteps(10)
+    assert s.timesteps[1] == s.timesteps[2]
+    sampler = FusedSampler(s)
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    for order in (1, 2, 3):
+        out, calls = denoise(sampler, x, lambda x, i, t: 0.1 * x, Taylor(order, k=1))
+        assert torch.isfinite(out).all() and calls < sampler.num_steps
+    h = Taylor(2, k=1).update(0, History(), torch.ones(2), 981.0)
+    h = Taylor(2, k=1).update(1, h, torch.full((2,), 2.0), 961.0)
+    h = Taylor(2, k=1).update(2, h, torch.full((2,), 3.0), 961.0)
+    assert h.times == [981.0, 961.0] and torch.equal(h.outputs[-1], torch.full((2,), 3.0))
