@@ -123,7 +123,7 @@ class IdealDenoiser:
 
     family = "sd"
 
-    def timestep_kwargs(self):
+    def timestep_kwargs(self, steps=None):
         """set_timesteps takes nothing more for this family."""
         return {}
 

@@ -342,7 +342,9 @@ class CloudEngine:
                 raise wire.FieldError(f"tensors.{name}", "non-finite values", "finite values")
         # One sampler (its coefficient table) per schedule and one encoding per prompt, kept across
         # requests: both are pure functions of their keys. Samplers are only read, so sessions share them.
-        s.batch_key = (spec.scheduler, repr(sorted(spec.scheduler_config.items())), plan.num_steps)
+        # the schedule, all of it: a session with another mu or sigmas must not step with this one's table
+        s.batch_key = (spec.scheduler, repr(sorted(spec.scheduler_config.items())), plan.num_steps,
+                       spec.inference_steps, repr(sorted(spec.timestep_kwargs.items())))
         sampler = _cached(self._samplers, s.batch_key,
                           lambda: FusedSampler(spec.make_scheduler(), device=self.device))
         conditioning = _cached(self._conditioning, (spec.prompt, spec.negative_prompt),

@@ -83,8 +83,7 @@ class SegmentRun:
         seg = self.segments[self._seg]
         x, state = self.x, self.state
         if seg.renoise:  # preview-refine: the incoming latent is a clean preview, taken to step seg.start's level
-            t = self.sampler.timesteps[seg.start:seg.start + 1]
-            x = self.sampler.scheduler.add_noise(x, renoise_noise(self.spec.seed, x.shape, x.dtype).to(x.device), t)
+            x = renoised(self.sampler, x, renoise_noise(self.spec.seed, x.shape, x.dtype).to(x.device), seg.start)
             state = None
         noise = None
         if self.sampler.stochastic:
@@ -93,6 +92,16 @@ class SegmentRun:
         self._stepper = Stepper(self.sampler, x, forecaster(seg), start=seg.start, stop=seg.stop, state=state,
                                 noise=noise)
         self.x, self.state = x, state
+
+
+def renoised(sampler, x0, noise, i):
+    """x_0 taken to the noise level of step i: add_noise (diffusion schedulers: sqrt(abar) x_0 + sqrt(1 -
+    abar) z) or, for flow matching, scale_noise (sigma z + (1 - sigma) x_0)."""
+    scheduler = sampler.scheduler
+    t = sampler.timesteps[i:i + 1]
+    if hasattr(scheduler, "add_noise"):
+        return scheduler.add_noise(x0, noise, t)
+    return scheduler.scale_noise(x0, t.to(x0.device), noise)
 
 
 def drive(run, model):

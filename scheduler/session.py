@@ -14,7 +14,8 @@ from .plan import MAX_NAME_CHARS, MAX_STEPS, Plan, PlanError
 SUPPORTED_SCHEDULERS = tuple(BUILDERS)  # the diffusers schedulers the fused step computes
 SESSION_FIELDS = ("prompt", "plan", "scheduler", "scheduler_config", "negative_prompt", "guidance_scale", "seed",
                   "restart_solver", "inference_steps", "timestep_kwargs")
-MAX_TIMESTEP_KWARGS = 4
+MAX_TIMESTEP_KWARGS = 2
+TIMESTEP_KWARGS = ("mu", "sigmas")
 MAX_PROMPT_CHARS = 4096  # CLIP reads 77 tokens; a longer prompt is truncated by its tokenizer anyway
 GUIDANCE = (-100.0, 100.0)  # classifier-free guidance scales in use lie in 0..20
 
@@ -34,7 +35,7 @@ class SessionSpec:
     restart_solver: bool = False  # a receiver restarts a multistep solver at first order (else: state travels)
     inference_steps: int = None  # diffusers' num_inference_steps, where it differs from the plan's step count
     # (PNDM's PLMS: N inference steps are N + 1 scheduler steps); None: the plan's num_steps
-    timestep_kwargs: dict = field(default_factory=dict)  # more set_timesteps arguments (Flux's mu)
+    timestep_kwargs: dict = field(default_factory=dict)  # more set_timesteps arguments (Flux's mu and sigmas)
 
     def make_scheduler(self):
         """A fresh scheduler of the named class with this config, set to the plan's number of steps."""
@@ -75,7 +76,7 @@ class SessionSpec:
                                        f"{', '.join(SUPPORTED_SCHEDULERS)}. Swap one in with --scheduler NAME (the "
                                        "Python API: scheduler=NAME); it keeps the folder's noise schedule, as "
                                        "diffusers' from_config does")
-        kwargs = model.timestep_kwargs() if hasattr(model, "timestep_kwargs") else {}
+        kwargs = model.timestep_kwargs(steps) if hasattr(model, "timestep_kwargs") else {}
         n = scheduler_steps(s, steps, **kwargs)
         spec = cls(prompt=prompt, plan=make(plan, n, **(plan_params or {})), scheduler=name,
                    scheduler_config=dict(s.config), inference_steps=None if n == steps else steps,
@@ -109,7 +110,8 @@ class SessionSpec:
                    restart_solver=need_bool(f"{field}.restart_solver", d.get("restart_solver", False)),
                    inference_steps=None if d.get("inference_steps") is None else
                    need_int(f"{field}.inference_steps", d["inference_steps"], 1, max_steps),
-                   timestep_kwargs=_timestep_kwargs(f"{field}.timestep_kwargs", d.get("timestep_kwargs", {})))
+                   timestep_kwargs=_timestep_kwargs(f"{field}.timestep_kwargs", d.get("timestep_kwargs", {}),
+                                                    max_steps))
 
     def to_msgpack(self):
         return msgpack.packb(self.to_plain(), use_bin_type=True)
@@ -187,12 +189,15 @@ def scheduler_steps(scheduler, inference_steps, **timestep_kwargs):
     return len(s.timesteps)
 
 
-def _timestep_kwargs(field, d):
-    """set_timesteps' extra arguments from the network: a few names, each a finite number."""
-    need_map(field, d, MAX_TIMESTEP_KWARGS)
-    for k, v in d.items():
-        need_str(f"{field}.{k}", k, MAX_NAME_CHARS, ("mu",))
-        need_number(f"{field}.{k}", v, -1e3, 1e3)
+def _timestep_kwargs(field, d, max_steps):
+    """set_timesteps' extra arguments from the network: mu (a finite number) and sigmas (a schedule of at
+    most max_steps noise levels in [0, 1])."""
+    need_map(field, d, MAX_TIMESTEP_KWARGS, optional=TIMESTEP_KWARGS)
+    if "mu" in d:
+        need_number(f"{field}.mu", d["mu"], -1e3, 1e3)
+    if "sigmas" in d:
+        for i, v in enumerate(need_list(f"{field}.sigmas", d["sigmas"], max_steps, 1)):
+            need_number(f"{field}.sigmas.{i}", v, 0.0, 1.0)
     return d
 
 

@@ -13,7 +13,8 @@ scheduler/engine.py, use nothing else):
                                 generation only if both are equal (a handoff checks them)
     scheduler_config, scheduler the folder's scheduler (config, and a fresh instance)
     make_scheduler(name=None)   a fresh scheduler from the folder's config, of its class or of ``name``
-    timestep_kwargs()           extra set_timesteps arguments the family's pipeline passes (Flux's mu), or {}
+    timestep_kwargs(steps)      extra set_timesteps arguments the family's pipeline passes for ``steps``
+                                inference steps (Flux's mu and sigmas), or {}
     encode_prompt(prompt, negative_prompt="") -> (cond, uncond)
                                 each a tensor, or a tuple of tensors, with a batch dim of 1
     predict(x, t, cond, uncond=None, *, scheduler=None, guidance=None) -> (pred_cond, pred_uncond)

@@ -133,7 +133,7 @@ class StableDiffusionModel:
 
     family = "sd"
 
-    def timestep_kwargs(self):
+    def timestep_kwargs(self, steps=None):
         """set_timesteps takes nothing more for this family."""
         return {}
 

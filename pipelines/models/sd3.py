@@ -173,7 +173,7 @@ class StableDiffusion3Model:
                              "folder's)")
         return cls.from_config(dict(self.scheduler_config))
 
-    def timestep_kwargs(self):
+    def timestep_kwargs(self, steps=None):
         """{} for SD3 and SD3.5's folders (use_dynamic_shifting false: the fixed shift 3.0). A folder with
         use_dynamic_shifting gets the pipeline's mu at the default size: calculate_shift of the image
         sequence length (H / patch) (W / patch), with the config's base/max shift and sequence lengths."""

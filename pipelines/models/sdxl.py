@@ -137,7 +137,7 @@ class StableDiffusionXLModel:
         cls = scheduler_class_named(name or self.scheduler_config["_class_name"])
         return cls.from_config(dict(self.scheduler_config))
 
-    def timestep_kwargs(self):
+    def timestep_kwargs(self, steps=None):
         """set_timesteps takes nothing more for this family."""
         return {}
 
