@@ -85,7 +85,7 @@ def test_pndm_cloud_only_over_the_network_equals_the_diffusers_pipeline(cloud, p
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--scheduler", "UniPCMultistepScheduler"], "scheduler UniPCMultistepScheduler is not supported"),
+    (["--scheduler", "HeunDiscreteScheduler"], "scheduler HeunDiscreteScheduler is not supported"),
     (["--scheduler", "NoSuchScheduler"], "is not a diffusers scheduler class"),
     (["--plan", "hybrid-sd", "--k", "99"], "hybrid-sd k"),
 ])
@@ -97,4 +97,4 @@ def test_what_the_fused_step_cannot_run_is_a_clear_error_before_the_cloud_is_ask
 
 def test_the_python_api_names_the_supported_schedulers_and_the_flag(models):
     with pytest.raises(UnsupportedScheduler, match="supported: .*DDIMScheduler.*--scheduler NAME"):
-        SessionSpec.for_model(models["edge"], PROMPT, scheduler="UniPCMultistepScheduler")
+        SessionSpec.for_model(models["edge"], PROMPT, scheduler="HeunDiscreteScheduler")

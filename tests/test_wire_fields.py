@@ -54,7 +54,7 @@ def test_a_valid_request_parses_to_typed_values():
     ({"session__guidance_scale": math.inf}, "session.guidance_scale"),
     ({"session__guidance_scale": 100.001}, "session.guidance_scale"),
     ({"session__prompt": "a" * (MAX_PROMPT_CHARS + 1)}, "session.prompt"), ({"session__prompt": b"a"}, "session.prompt"),
-    ({"session__scheduler": "UniPCMultistepScheduler"}, "session.scheduler"),
+    ({"session__scheduler": "HeunDiscreteScheduler"}, "session.scheduler"),
     ({"session__scheduler_config__beta_start": [0.1]}, "session.scheduler_config.beta_start"),
     ({"session__scheduler_config__num_train_timesteps": 10_001}, "session.scheduler_config.num_train_timesteps"),
     ({"session__scheduler_config__clip_sample": 1}, "session.scheduler_config.clip_sample"),
