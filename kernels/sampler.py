@@ -3,9 +3,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused_step import _check, fused_step
+from .fused_step import MAX_MODELS, _check, fused_step
 from .step_table import UnsupportedScheduler
 from .table_pndm import PLMSTable, combination
+from .table_unipc import UniPCTable, orders
 from .tables import table_for
 
 
@@ -84,6 +85,8 @@ class FusedSampler:
 
     PNDMScheduler (skip_prk_steps=True: PLMS) keeps earlier model outputs in the state (table_pndm.py);
     its N inference steps are N + 1 steps here (1 for N = 1), stepped with int step indices.
+    UniPCMultistepScheduler keeps its converted outputs and corrected sample there (table_unipc.py,
+    ``_step_unipc``), also stepped with int step indices.
     """
 
     def __init__(self, scheduler, *, device="cpu", eta=0.0, use_clipped_model_output=False, backend=None):
@@ -98,6 +101,10 @@ class FusedSampler:
         self.coef = self.table.coef.to(device=device, dtype=torch.float32)
         self.coef_first_order = (None if self.table.first_order is None
                                  else self.table.first_order.to(device=device, dtype=torch.float32))
+        if isinstance(self.table, UniPCTable):  # each stage's rows by order - 1 (plain[0] is self.coef)
+            self.unipc_coef = {kind: tuple(r.to(device=device, dtype=torch.float32) for r in getattr(self.table, kind))
+                               for kind in ("plain", "corrector", "predictor")}
+            self.unipc_coef["plain"] = (self.coef, *self.unipc_coef["plain"][1:])
         self.timesteps = scheduler.timesteps
         self.num_steps = len(self.timesteps)
         self.noise_levels = noise_levels(scheduler)
@@ -140,6 +147,8 @@ class FusedSampler:
         step = self._step_tensor(step_index, x)
         if isinstance(self.table, PLMSTable):
             return self._step_plms(x, step, models, weights, state, want_m)
+        if isinstance(self.table, UniPCTable):
+            return self._step_unipc(x, step, models, weights, state, want_m)
         if self.table.stochastic and noise is None:
             raise ValueError("this scheduler adds noise at each step: pass noise=torch.randn_like(x) "
                              "(drawn from your generator)")
@@ -189,6 +198,65 @@ class FusedSampler:
                          backend=self.backend)
         return (out.x_next, new, e) if want_m else (out.x_next, new)
 
+    def _step_unipc(self, x, i, models, weights, state, want_m):
+        """UniPCMultistepScheduler's step (table_unipc.py has the equations and the rows).
+
+        State (diffusers' name -> SolverState): model_outputs, the converted outputs x_0,j of the last
+        solver_order steps -> ets, oldest first (the outputs of the steps just before this one);
+        last_sample, the corrected sample x^c the last predictor started from -> sample; lower_order_nums
+        and this_order -> len(ets) (they are equal in diffusers); x0_prev is unused. An empty state at
+        step i > 0 (a receiver that restarts the solver) takes diffusers' first step: no corrector, a
+        first-order predictor.
+
+        Passes over memory, in latent-sized tensors, for guidance (two models). With the corrector, two
+        fused passes: x_0,i and x^c_i from (x^c_{i-1}, u, c, x_i, x_0,{i-1}[, x_0,{i-2}]), then the
+        predictor from (x^c_i, x_0,i[, x_0,{i-1}]); at second order 6 + 3 read and 2 + 1 written, 12 in all,
+        where 9 is the least a step can move (its 6 inputs read once, its 3 results written once). Without
+        the corrector (step 0, a restart, disable_corrector): one fused pass (x_i, u, c[, x_0,{i-1}] read;
+        x_next, x_0,i written) and the copy of x_i kept as the sample (1 read, 1 write): 7 or 8. With
+        want_m (or four models) m is combined first: K reads and 1 write more."""
+        if isinstance(i, torch.Tensor):
+            raise UnsupportedScheduler("UniPCMultistepScheduler: a per-row step_index is not supported: UniPC keeps "
+                                       "one history of outputs per batch; step rows at different steps one at a time "
+                                       "with an int step_index")
+        table, rows = self.table, self.unipc_coef
+        ets, sample = (state.ets, state.sample) if state is not None else ((), None)
+        if state is not None and state.x0_prev is not None:
+            raise ValueError("a UniPC state holds ets and sample, not x0_prev (DPM-Solver++'s): pass the state "
+                             "this sampler returned")
+        if len(ets) > min(table.solver_order, i):
+            raise ValueError(f"step {i} of UniPC (solver_order {table.solver_order}) follows at most "
+                             f"{min(table.solver_order, i)} kept outputs, the state holds {len(ets)}")
+        if bool(ets) != (sample is not None):
+            raise ValueError("a UniPC state holds ets and sample together (or neither, to restart the solver): "
+                             f"got {sorted(state.tensors())}")
+        for name, t in [(f"state.ets[{j}]", e) for j, e in enumerate(ets)] + [("state.sample", sample)]:
+            if t is not None and t.shape != x.shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, the latent {tuple(x.shape)}: they must match")
+        _check(x, models, weights, self.coef, i, None, None)
+        p, q = orders(table, i, len(ets), sample is not None)
+        prev = ets[-1] if q == 2 else None  # x_0,{i-1}, read by a second-order predictor
+        if p == 0:  # x^c_i = x_i: conversion and predictor in one pass
+            out = fused_step(x, models, weights, rows["plain"][q - 1], i, hist=prev, want_x0=True, want_m=want_m,
+                             backend=self.backend)
+            x_next, x0, m, corrected = out.x_next, out.x0, out.m, x.clone()  # kept: a copy the caller cannot reuse
+        else:
+            m = None
+            if want_m or len(models) == MAX_MODELS:  # m itself to return, or room for x_i among the models
+                m32 = _combine_f32(x, models, weights)  # float32: x_0,i is not rounded through x's dtype
+                models, weights, m = [m32], [1.0], m32.to(x.dtype)
+            r = table.x_weight[i]
+            if r:
+                models, weights = [*models, x], _with_weight(weights, r)
+            z, h = (ets[-1], ets[-2]) if p == 2 else (None, ets[-1])
+            c = fused_step(sample, models, weights, rows["corrector"][p - 1], i, noise=z, hist=h, want_x0=True,
+                           backend=self.backend)
+            corrected, x0 = c.x_next, c.x0
+            x_next = fused_step(corrected, [x0], [1.0], rows["predictor"][q - 1], i, hist=prev,
+                                backend=self.backend).x_next
+        new = SolverState(ets=(*ets, x0)[-table.solver_order:], sample=corrected)
+        return (x_next, new, m) if want_m else (x_next, new)
+
     def _step_tensor(self, step_index, x):
         """A per-row step index as an int64 tensor on x's device; a shared one stays an int."""
         if isinstance(step_index, torch.Tensor):
@@ -200,9 +268,22 @@ class FusedSampler:
         return int(step_index)
 
 
+def _with_weight(weights, w):
+    """weights ((B, K) or K floats) with one more column, w, for every row."""
+    if isinstance(weights, torch.Tensor):
+        return torch.cat([weights.to(torch.float32), weights.new_full((weights.shape[0], 1), w, dtype=torch.float32)],
+                         dim=1)
+    return [*weights, w]
+
+
 def _combine(x, models, weights):
     """m = sum_k weights[:, k] models[k] in float32, in x's dtype: (B, ...). weights: (B, K) or K floats.
     Always a new tensor (it is kept in the solver state)."""
+    return _combine_f32(x, models, weights).to(x.dtype)
+
+
+def _combine_f32(x, models, weights):
+    """_combine's sum before the rounding to x's dtype: float32, a new tensor."""
     if isinstance(weights, torch.Tensor):
         view = (x.shape[0],) + (1,) * (x.dim() - 1)
         w = weights.to(device=x.device, dtype=torch.float32)
@@ -213,4 +294,4 @@ def _combine(x, models, weights):
         m = torch.mul(models[0].float(), float(weights[0]))
         for mk, wk in zip(models[1:], weights[1:]):
             m.add_(mk.float(), alpha=float(wk))
-    return m.to(x.dtype)
+    return m

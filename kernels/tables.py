@@ -1,6 +1,6 @@
 """Which coefficient table serves a configured diffusers scheduler."""
 from . import (table_cogvideox_ddim, table_ddim, table_ddpm, table_dpmpp_2m, table_euler, table_euler_ancestral,
-               table_flow_euler, table_lcm, table_pndm)
+               table_flow_euler, table_lcm, table_pndm, table_unipc)
 from .step_table import UnsupportedScheduler
 
 BUILDERS = {
@@ -13,6 +13,7 @@ BUILDERS = {
     "LCMScheduler": table_lcm.table,
     "CogVideoXDDIMScheduler": table_cogvideox_ddim.table,
     "PNDMScheduler": table_pndm.table,  # skip_prk_steps=True only (PLMS)
+    "UniPCMultistepScheduler": table_unipc.table,  # predict_x0=True, solver_order 1 or 2
 }
 
 
