@@ -28,6 +28,7 @@ import torch
 
 from ...kernels import FusedSampler
 from .sd import SCHEDULER_CONFIG, _placed, scale_model_input, scheduler_class_named
+from .noise import SeededLatents
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 ROTARY_CACHE_ENTRIES = 8  # latent grids (F, H, W) whose rotary embeddings a model keeps
@@ -63,7 +64,7 @@ def video_latent_shape(frames, height, width, *, channels, scale_factor, tempora
     return (f + padding, channels, height // scale_factor, width // scale_factor), padding
 
 
-class CogVideoXModel:
+class CogVideoXModel(SeededLatents):
     """T5 tokenizer and text encoder, CogVideoX transformer, 3-D VAE and the scheduler config of one
     CogVideoXPipeline folder (CogVideoX 1.0 text-to-video: CogVideoX-2b, CogVideoX-5b; 1.5 too).
 
@@ -238,25 +239,6 @@ class CogVideoXModel:
                 self._rotary.pop(next(iter(self._rotary)))
             self._rotary[key] = emb
         return self._rotary[key]
-
-    def initial_noise(self, seed, batch=1, *, scheduler=None, generator_device=None):
-        """x_T: (batch, F, C, H, W) in self.dtype, drawn as the pipeline's prepare_latents draws it given
-        generator=torch.Generator(generator_device).manual_seed(seed), times scheduler.init_noise_sigma.
-        generator_device defaults to self.device; "cpu" gives the same x_T on every device."""
-        sched = self.scheduler if scheduler is None else scheduler
-        return self._noise(self._generator(seed, generator_device), batch) * sched.init_noise_sigma
-
-    def _generator(self, seed, generator_device):
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        return torch.Generator(generator_device or self.device).manual_seed(seed)
-
-    def _noise(self, generator, batch):
-        from diffusers.utils.torch_utils import randn_tensor
-
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-        return randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def decode(self, latent, output_type="pil"):

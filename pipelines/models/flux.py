@@ -31,6 +31,7 @@ import torch
 
 from ...kernels import FusedSampler
 from .sd import _placed, scheduler_class_named
+from .noise import SeededLatents
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and largest max_sequence_length (T5 tokens)
@@ -61,7 +62,7 @@ class LatentSpace(NamedTuple):
     shift_factor: float
 
 
-class FluxModel:
+class FluxModel(SeededLatents):
     """CLIP and T5 tokenizers and text encoders, the Flux transformer, the VAE and the scheduler config of one
     FluxPipeline folder.
 
@@ -250,25 +251,6 @@ class FluxModel:
                                txt_ids=self.txt_ids, img_ids=self.img_ids, return_dict=False)[0]
         v = unpack(out, *self.latent_shape[1:])
         return v, v
-
-    def initial_noise(self, seed, batch=1, *, scheduler=None, generator_device=None):
-        """x_1: (batch, 16, h, w) standard normal in self.dtype, FluxPipeline.prepare_latents's draw (before it
-        packs it) given generator=torch.Generator(generator_device).manual_seed(seed). Flow matching starts
-        at sigma = 1 with no scaling, so ``scheduler`` is not needed. generator_device defaults to
-        self.device; "cpu" gives the same x_1 on every device."""
-        return self._noise(self._generator(seed, generator_device), batch)
-
-    def _generator(self, seed, generator_device):
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        return torch.Generator(generator_device or self.device).manual_seed(seed)
-
-    def _noise(self, generator, batch):
-        from diffusers.utils.torch_utils import randn_tensor
-
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-        return randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def decode(self, latent, output_type="pil"):

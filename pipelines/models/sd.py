@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from ...kernels import FusedSampler
+from .noise import SeededLatents
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -45,7 +46,7 @@ class LatentSpace(NamedTuple):
     scaling_factor: float
 
 
-class StableDiffusionModel:
+class StableDiffusionModel(SeededLatents):
     """Tokenizer, CLIP text encoder, UNet, VAE and the scheduler config of one StableDiffusionPipeline folder.
 
     Attributes: latent_shape (C, H, W) of one latent at the pipeline's default size; text_space and
@@ -174,26 +175,6 @@ class StableDiffusionModel:
             return out, None
         eps_uncond, eps_cond = out.chunk(2)
         return eps_cond, eps_uncond
-
-    def initial_noise(self, seed, batch=1, *, scheduler=None, generator_device=None):
-        """x_T: (batch, C, H, W) in self.dtype, drawn as the pipeline's prepare_latents draws it given
-        generator=torch.Generator(generator_device).manual_seed(seed), times scheduler.init_noise_sigma
-        (Euler's depends on the schedule: call scheduler.set_timesteps first). generator_device defaults to
-        self.device; "cpu" gives the same x_T on every device."""
-        sched = self.scheduler if scheduler is None else scheduler
-        return self._noise(self._generator(seed, generator_device), batch) * sched.init_noise_sigma
-
-    def _generator(self, seed, generator_device):
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        return torch.Generator(generator_device or self.device).manual_seed(seed)
-
-    def _noise(self, generator, batch):
-        from diffusers.utils.torch_utils import randn_tensor
-
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-        return randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def decode(self, latent, output_type="pil"):

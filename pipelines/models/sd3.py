@@ -37,6 +37,7 @@ from typing import NamedTuple
 import torch
 
 from .sd import _placed, scheduler_class_named
+from .noise import SeededLatents
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer", "vae", "scheduler")
 T5_SUBFOLDERS = ("text_encoder_3", "tokenizer_3")
@@ -70,7 +71,7 @@ class LatentSpace(NamedTuple):
     shift_factor: float
 
 
-class StableDiffusion3Model:
+class StableDiffusion3Model(SeededLatents):
     """Two CLIP tokenizers and text encoders (with projection), T5 (or none), the SD3 transformer, the VAE
     and the scheduler config of one StableDiffusion3Pipeline folder.
 
@@ -272,20 +273,6 @@ class StableDiffusion3Model:
             return out, None
         v_uncond, v_cond = out.chunk(2)
         return v_cond, v_uncond
-
-    def initial_noise(self, seed, batch=1, *, scheduler=None, generator_device=None):
-        """x_1: (batch, C, H, W) standard normal in self.dtype, drawn as the pipeline's prepare_latents draws it
-        given generator=torch.Generator(generator_device).manual_seed(seed) (the flow schedulers have no
-        init_noise_sigma: none scales it). generator_device defaults to self.device; "cpu" gives the same x_1
-        on every device. scheduler: unused."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-        generator = torch.Generator(generator_device or self.device).manual_seed(seed)
-        return randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def decode(self, latent, output_type="pil"):

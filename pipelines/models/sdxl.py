@@ -27,6 +27,7 @@ import torch
 
 from ...kernels import FusedSampler
 from .sd import SCHEDULER_CONFIG, LatentSpace, _placed, scale_model_input, scheduler_class_named
+from .noise import SeededLatents
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
 MODEL_INDEX = "model_index.json"
@@ -46,7 +47,7 @@ class TextSpace(NamedTuple):
     vocab_size_2: int
 
 
-class StableDiffusionXLModel:
+class StableDiffusionXLModel(SeededLatents):
     """Both tokenizers and CLIP text encoders, UNet, VAE and the scheduler config of one StableDiffusionXLPipeline
     folder.
 
@@ -232,26 +233,6 @@ class StableDiffusionXLModel:
             return out, None
         eps_uncond, eps_cond = out.chunk(2)
         return eps_cond, eps_uncond
-
-    def initial_noise(self, seed, batch=1, *, scheduler=None, generator_device=None):
-        """x_T: (batch, C, H, W) in self.dtype, drawn as the pipeline's prepare_latents draws it given
-        generator=torch.Generator(generator_device).manual_seed(seed), times scheduler.init_noise_sigma
-        (Euler's depends on the schedule: call scheduler.set_timesteps first). generator_device defaults to
-        self.device; "cpu" gives the same x_T on every device."""
-        sched = self.scheduler if scheduler is None else scheduler
-        return self._noise(self._generator(seed, generator_device), batch) * sched.init_noise_sigma
-
-    def _generator(self, seed, generator_device):
-        if not isinstance(seed, int) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        return torch.Generator(generator_device or self.device).manual_seed(seed)
-
-    def _noise(self, generator, batch):
-        from diffusers.utils.torch_utils import randn_tensor
-
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
-        return randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=self.dtype)
 
     @torch.no_grad()
     def decode(self, latent, output_type="pil"):
