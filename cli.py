@@ -271,7 +271,6 @@ def _edge(args):
     import json
     import time
 
-    from latentwire.scheduler import SessionSpec
     from latentwire.scheduler.serving.edge import CloudError, CloudUnavailable, EdgeClient, summary_dict
     from latentwire.scheduler.wire import Codecs
 

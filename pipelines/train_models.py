@@ -36,7 +36,6 @@ This is a training script: runtime modules never import it (tests/test_imports.p
 """
 import argparse
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field

@@ -15,7 +15,7 @@ from latentwire.pipelines.models import load_model
 from latentwire.pipelines.models.sd3 import MAX_SEQUENCE_LENGTH, LatentSpace, StableDiffusion3Model, TextSpace
 from latentwire.pipelines.models.tiny import save_tiny_pipeline
 from latentwire.pipelines.models.tiny_sd3 import CLIP_HIDDEN, JOINT, save_tiny_sd3, save_tiny_sd3_pair
-from latentwire.scheduler import PlanError, SessionSpec, make, run_plan, wire
+from latentwire.scheduler import PlanError, SessionSpec, run_plan, wire
 from latentwire.scheduler.serving.edge import CloudError, EdgeClient
 from latentwire.scheduler.wire import Codecs
 

@@ -18,7 +18,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from latentwire.pipelines.models.sd import StableDiffusionModel
 from latentwire.pipelines.models.tiny import save_tiny_pair
-from latentwire.protocol.header import pack_header
 from latentwire.scheduler import SessionSpec, make, run_plan, wire
 from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.wire import Codecs

@@ -26,9 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from ...kernels import FusedSampler
 from .sd import SCHEDULER_CONFIG, _placed, scale_model_input, scheduler_class_named
-from .noise import SeededLatents
+from .common import PipelineModel
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 ROTARY_CACHE_ENTRIES = 8  # latent grids (F, H, W) whose rotary embeddings a model keeps
@@ -64,7 +63,7 @@ def video_latent_shape(frames, height, width, *, channels, scale_factor, tempora
     return (f + padding, channels, height // scale_factor, width // scale_factor), padding
 
 
-class CogVideoXModel(SeededLatents):
+class CogVideoXModel(PipelineModel):
     """T5 tokenizer and text encoder, CogVideoX transformer, 3-D VAE and the scheduler config of one
     CogVideoXPipeline folder (CogVideoX 1.0 text-to-video: CogVideoX-2b, CogVideoX-5b; 1.5 too).
 
@@ -257,37 +256,5 @@ class CogVideoXModel(SeededLatents):
         latent = 1 / self.vae_scaling_factor_image * latent.permute(0, 2, 1, 3, 4)
         video = self.vae.decode(latent).sample
         return self.video_processor.postprocess_video(video=video, output_type=output_type)
-
-    @torch.no_grad()
-    def generate(self, prompt, negative_prompt="", *, seed, steps, guidance_scale, scheduler=None, batch=1,
-                 generator_device=None):
-        """x_0: the final (batch, F, C, H, W) latent of CogVideoXPipeline(prompt, negative_prompt=...,
-        num_inference_steps=steps, guidance_scale=..., generator=Generator(generator_device).manual_seed(seed),
-        num_videos_per_prompt=batch, output_type="latent"), stepped by FusedSampler.
-
-        scheduler: None (the folder's), a diffusers scheduler class name, or an instance (its schedule is
-        reset with set_timesteps(steps)). Stochastic schedulers draw their per-step noise from the same
-        generator after x_T, as the pipeline's scheduler.step does.
-        """
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        sched = self.make_scheduler(scheduler) if scheduler is None or isinstance(scheduler, str) else scheduler
-        sched.set_timesteps(steps, device=self.device)
-        sampler = FusedSampler(sched, device=self.device)
-        guided = guidance_scale > 1  # the pipeline's do_classifier_free_guidance
-        cond, uncond = self.encode_prompt(prompt, negative_prompt)
-        generator = self._generator(seed, generator_device)
-        x = self._noise(generator, batch) * sched.init_noise_sigma
-        state = None
-        for i, t in enumerate(sampler.timesteps):
-            v_c, v_u = self.predict(x, t, cond, uncond if guided else None, scheduler=sched)
-            noise = self._noise(generator, batch) if sampler.stochastic else None
-            if guided:
-                x, state = sampler.step(x, i, cond=v_c, uncond=v_u, guidance_scale=guidance_scale, state=state,
-                                        noise=noise)
-            else:
-                x, state = sampler.step(x, i, v_c, state=state, noise=noise)
-        return x
-
 
 __all__ = ["CogVideoXModel", "LatentSpace", "TextSpace", "video_latent_shape"]

@@ -31,7 +31,7 @@ import torch
 
 from ...kernels import FusedSampler
 from .sd import _placed, scheduler_class_named
-from .noise import SeededLatents
+from .common import PipelineModel
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and largest max_sequence_length (T5 tokens)
@@ -62,7 +62,7 @@ class LatentSpace(NamedTuple):
     shift_factor: float
 
 
-class FluxModel(SeededLatents):
+class FluxModel(PipelineModel):
     """CLIP and T5 tokenizers and text encoders, the Flux transformer, the VAE and the scheduler config of one
     FluxPipeline folder.
 

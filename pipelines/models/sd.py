@@ -23,8 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ...kernels import FusedSampler
-from .noise import SeededLatents
+from .common import PipelineModel
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -46,7 +45,7 @@ class LatentSpace(NamedTuple):
     scaling_factor: float
 
 
-class StableDiffusionModel(SeededLatents):
+class StableDiffusionModel(PipelineModel):
     """Tokenizer, CLIP text encoder, UNet, VAE and the scheduler config of one StableDiffusionPipeline folder.
 
     Attributes: latent_shape (C, H, W) of one latent at the pipeline's default size; text_space and
@@ -185,38 +184,6 @@ class StableDiffusionModel(SeededLatents):
         latent = latent.to(device=self.device, dtype=self.vae.dtype)
         image = self.vae.decode(latent / self.vae.config.scaling_factor, return_dict=False)[0]
         return self.image_processor.postprocess(image, output_type=output_type, do_denormalize=[True] * len(image))
-
-    @torch.no_grad()
-    def generate(self, prompt, negative_prompt="", *, seed, steps, guidance_scale, scheduler=None, eta=0.0,
-                 batch=1, generator_device=None):
-        """x_0: the final (batch, C, H, W) latent of StableDiffusionPipeline(prompt, negative_prompt=...,
-        num_inference_steps=steps, guidance_scale=..., eta=..., generator=Generator(generator_device)
-        .manual_seed(seed), num_images_per_prompt=batch, output_type="latent"), stepped by FusedSampler.
-
-        scheduler: None (the folder's), a diffusers scheduler class name, or an instance (its schedule is
-        reset with set_timesteps(steps)). eta: DDIM's. Stochastic schedulers draw their per-step noise from
-        the same generator after x_T, as the pipeline's scheduler.step does.
-        """
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        sched = self.make_scheduler(scheduler) if scheduler is None or isinstance(scheduler, str) else scheduler
-        sched.set_timesteps(steps, device=self.device)
-        sampler = FusedSampler(sched, device=self.device, eta=eta)
-        guided = guidance_scale > 1  # the pipeline's do_classifier_free_guidance
-        cond, uncond = self.encode_prompt(prompt, negative_prompt)
-        generator = self._generator(seed, generator_device)
-        x = self._noise(generator, batch) * sched.init_noise_sigma
-        state = None
-        for i, t in enumerate(sampler.timesteps):
-            eps_c, eps_u = self.predict(x, t, cond, uncond if guided else None, scheduler=sched)
-            noise = self._noise(generator, batch) if sampler.stochastic else None
-            if guided:
-                x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=guidance_scale, state=state,
-                                        noise=noise)
-            else:
-                x, state = sampler.step(x, i, eps_c, state=state, noise=noise)
-        return x
-
 
 def _placed(module, device, dtype):
     """``module`` on ``device`` in ``dtype``, frozen for inference. Casts only when the dtype differs:

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from .sd import _placed, scheduler_class_named
-from .noise import SeededLatents
+from .common import PipelineModel
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer", "vae", "scheduler")
 T5_SUBFOLDERS = ("text_encoder_3", "tokenizer_3")
@@ -71,7 +71,7 @@ class LatentSpace(NamedTuple):
     shift_factor: float
 
 
-class StableDiffusion3Model(SeededLatents):
+class StableDiffusion3Model(PipelineModel):
     """Two CLIP tokenizers and text encoders (with projection), T5 (or none), the SD3 transformer, the VAE
     and the scheduler config of one StableDiffusion3Pipeline folder.
 

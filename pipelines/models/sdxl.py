@@ -25,9 +25,8 @@ from typing import NamedTuple
 
 import torch
 
-from ...kernels import FusedSampler
 from .sd import SCHEDULER_CONFIG, LatentSpace, _placed, scale_model_input, scheduler_class_named
-from .noise import SeededLatents
+from .common import PipelineModel
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
 MODEL_INDEX = "model_index.json"
@@ -47,7 +46,7 @@ class TextSpace(NamedTuple):
     vocab_size_2: int
 
 
-class StableDiffusionXLModel(SeededLatents):
+class StableDiffusionXLModel(PipelineModel):
     """Both tokenizers and CLIP text encoders, UNet, VAE and the scheduler config of one StableDiffusionXLPipeline
     folder.
 
@@ -261,34 +260,3 @@ class StableDiffusionXLModel(SeededLatents):
             if upcast:
                 vae.to(dtype=torch.float16)
         return self.image_processor.postprocess(image, output_type=output_type)
-
-    @torch.no_grad()
-    def generate(self, prompt, negative_prompt="", *, seed, steps, guidance_scale, scheduler=None, eta=0.0,
-                 batch=1, generator_device=None):
-        """x_0: the final (batch, C, H, W) latent of StableDiffusionXLPipeline(prompt, negative_prompt=... (None
-        if empty), num_inference_steps=steps, guidance_scale=..., eta=..., generator=Generator(generator_device)
-        .manual_seed(seed), num_images_per_prompt=batch, output_type="latent"), stepped by FusedSampler.
-
-        scheduler: None (the folder's), a diffusers scheduler class name, or an instance (its schedule is
-        reset with set_timesteps(steps)). eta: DDIM's. Stochastic schedulers draw their per-step noise from the same
-        generator after x_T, as the pipeline's scheduler.step does.
-        """
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-        sched = self.make_scheduler(scheduler) if scheduler is None or isinstance(scheduler, str) else scheduler
-        sched.set_timesteps(steps, device=self.device)
-        sampler = FusedSampler(sched, device=self.device, eta=eta)
-        guided = guidance_scale > 1  # the pipeline's do_classifier_free_guidance
-        cond, uncond = self.encode_prompt(prompt, negative_prompt)
-        generator = self._generator(seed, generator_device)
-        x = self._noise(generator, batch) * sched.init_noise_sigma
-        state = None
-        for i, t in enumerate(sampler.timesteps):
-            eps_c, eps_u = self.predict(x, t, cond, uncond if guided else None, scheduler=sched)
-            noise = self._noise(generator, batch) if sampler.stochastic else None
-            if guided:
-                x, state = sampler.step(x, i, cond=eps_c, uncond=eps_u, guidance_scale=guidance_scale, state=state,
-                                        noise=noise)
-            else:
-                x, state = sampler.step(x, i, eps_c, state=state, noise=noise)
-        return x

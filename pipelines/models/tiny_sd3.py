@@ -23,8 +23,6 @@ with SentencePiece's word-start mark ("▁red"), plus the single letters, so any
 import os
 import string
 
-import torch
-
 from .tiny import BOS, EOS, MAX_LENGTH, WORDS, _seeded, write_vocabulary
 
 CLIP_HIDDEN = (32, 48)      # CLIP-L's and CLIP-G's widths = their projection dims (SD3: 768, 1280)

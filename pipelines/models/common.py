@@ -1,0 +1,64 @@
+"""What every family shares: x_T drawn as the diffusers pipelines' prepare_latents draw it, and the
+one-process loop that reproduces a pipeline's call (the reference the split runs are held to)."""
+import torch
+
+from ...kernels import FusedSampler
+
+
+class PipelineModel:
+    """initial_noise and generate for a model with ``latent_shape``, ``device``, ``dtype``, ``scheduler``,
+    ``make_scheduler``, ``encode_prompt`` and ``predict``."""
+
+    def initial_noise(self, seed, batch=1, *, scheduler=None, generator_device=None):
+        """x_T: (batch, *latent_shape) in self.dtype, drawn as the pipeline's prepare_latents draws it given
+        generator=torch.Generator(generator_device).manual_seed(seed), times the scheduler's init_noise_sigma
+        where it has one (Euler's depends on the schedule: call set_timesteps first; flow matching starts at
+        sigma = 1, unscaled). generator_device defaults to self.device; "cpu" gives the same x_T on every
+        device."""
+        sched = self.scheduler if scheduler is None else scheduler
+        x = self._noise(self._generator(seed, generator_device), batch)
+        sigma = getattr(sched, "init_noise_sigma", None)
+        return x if sigma is None else x * sigma
+
+    def _generator(self, seed, generator_device):
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        return torch.Generator(generator_device or self.device).manual_seed(seed)
+
+    def _noise(self, generator, batch):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        return randn_tensor((batch, *self.latent_shape), generator=generator, device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def generate(self, prompt, negative_prompt="", *, seed, steps, guidance_scale, scheduler=None, eta=0.0,
+                 batch=1, generator_device=None):
+        """x_0: the final (batch, *latent_shape) latent of the family's pipeline(prompt, negative_prompt=...,
+        num_inference_steps=steps, guidance_scale=..., eta=..., generator=Generator(generator_device)
+        .manual_seed(seed), num_images_per_prompt=batch, output_type="latent"), stepped by FusedSampler.
+
+        scheduler: None (the folder's), a diffusers scheduler class name, or an instance (its schedule is
+        reset with set_timesteps(steps)). eta: DDIM's. Stochastic schedulers draw their per-step noise from
+        the same generator after x_T, as the pipeline's scheduler.step does.
+        """
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        sched = self.make_scheduler(scheduler) if scheduler is None or isinstance(scheduler, str) else scheduler
+        sched.set_timesteps(steps, device=self.device)
+        sampler = FusedSampler(sched, device=self.device, eta=eta)
+        guided = guidance_scale > 1  # the pipeline's do_classifier_free_guidance
+        cond, uncond = self.encode_prompt(prompt, negative_prompt)
+        generator = self._generator(seed, generator_device)
+        x = self._noise(generator, batch) * sched.init_noise_sigma
+        state = None
+        for i, t in enumerate(sampler.timesteps):
+            pred_c, pred_u = self.predict(x, t, cond, uncond if guided else None, scheduler=sched)
+            noise = self._noise(generator, batch) if sampler.stochastic else None
+            if guided:
+                x, state = sampler.step(x, i, cond=pred_c, uncond=pred_u, guidance_scale=guidance_scale, state=state,
+                                        noise=noise)
+            else:
+                x, state = sampler.step(x, i, pred_c, state=state, noise=noise)
+        return x
