@@ -62,7 +62,7 @@ def test_a_bfloat16_split_across_two_processes_equals_one_process(pair, bf16, tm
         assert daemons.stop(proc) == 0
 
 
-def test_what_crosses_the_wire_does_not_depend_on_the_tensors_device_or_layout():
+def test_what_crosses_the_wire_is_encoded_from_a_cpu_copy_whatever_the_tensors_layout():
     x = torch.randn(1, 4, 8, 8, dtype=torch.bfloat16)
     spec = SessionSpec(prompt="a", plan=make("cloud-only", 2), scheduler="DDIMScheduler")
     frames = wire.Run(spec, (0, 1), latent=x).to_frames()
