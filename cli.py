@@ -329,6 +329,134 @@ def _edge(args):
     return 0
 
 
+def _profile(args):
+    """`latentwire profile`: measure a device profile of a model folder here and write it as JSON."""
+    import json
+    import os
+
+    import torch
+
+    from latentwire.scheduler.cost.measure import measure
+    from latentwire.scheduler.cost.profiles import NAME_PATTERN, ProfileError, device_from_plain
+
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"latentwire profile: --model {args.model!r} is not a folder: give a diffusers model folder")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"latentwire profile: --out {args.out!r}: the folder {folder} does not exist")
+    model_name = os.path.basename(os.path.normpath(args.model))
+    name = args.name or f"{model_name}@here"
+    if not NAME_PATTERN.fullmatch(name):
+        raise SystemExit(f"latentwire profile: --name {name!r}: 1-64 letters, digits and . _ @ + - (MODEL@HARDWARE)")
+    for flag, value in (("--steps", args.steps), ("--repeats", args.repeats)):
+        if value < 1:
+            raise SystemExit(f"latentwire profile: {flag} {value}: give a positive int")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args.model, "profile", args.device, args.dtype)
+    try:
+        profile = measure(model, name=name, model_name=model_name[:64] or "model", resolution=args.resolution,
+                          steps=args.steps, repeats=args.repeats)
+        device_from_plain(profile, args.out)  # what we write, loadable as written
+    except (ValueError, ProfileError) as e:
+        raise SystemExit(f"latentwire profile: {e}") from None
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(profile, f, indent=2)
+        f.write("\n")
+    print(f"wrote {args.out}: unet step {profile['unet_step_s'] * 1e3:.2f} ms, text "
+          f"{profile['text_encode_s'] * 1e3:.2f} ms, decode {profile['vae_decode_s'] * 1e3:.2f} ms, fused step {profile['fused_step_s'] * 1e3:.3f} ms",
+          file=sys.stderr)
+    return 0
+
+
+def _cost_list(args):
+    import json
+
+    from latentwire.scheduler.cost.profiles import ProfileError, list_profiles, load_device, load_link
+
+    names = list_profiles()
+    if args.json:
+        print(json.dumps(names))
+        return 0
+    for kind, load in (("devices", load_device), ("links", load_link)):
+        print(f"{kind}:")
+        for name in names[kind]:
+            try:
+                p = load(name)
+            except ProfileError as e:
+                print(f"  {name:<34} INVALID: {e}")
+                continue
+            if kind == "devices":
+                figures = "  ".join(f"{k[:-2]} {'-' if getattr(p, k) is None else f'{getattr(p, k) * 1e3:.1f} ms'}"
+                                    for k in ("unet_step_s", "text_encode_s", "vae_decode_s"))
+                print(f"  {name:<34} {p.resolution}px {p.dtype:<9} {figures}"
+                      + (f"  missing: {', '.join(p.missing)}" if p.missing else ""))
+            else:
+                fig = lambda v, unit: "-" if v is None else f"{v:g} {unit}"  # noqa: E731
+                print(f"  {name:<34} up {fig(p.up_mbit_s, 'Mbit/s')}  down {fig(p.down_mbit_s, 'Mbit/s')}  "
+                      f"rtt {fig(p.rtt_ms, 'ms')}")
+        if not names[kind]:
+            print("  (none)")
+    return 0
+
+
+def _cost(args):
+    """`latentwire cost`: the cost model's prediction for a plan on a device pair and a link."""
+    import json
+
+    if args.list:
+        return _cost_list(args)
+    missing = [flag for flag, value in (("--cloud-device", args.cloud_device), ("--edge-device", args.edge_device),
+                                        ("--link", args.link)) if value is None]
+    if missing:
+        raise SystemExit(f"latentwire cost: give {', '.join(missing)} (names from `latentwire cost --list`, or "
+                         "paths to profile .json files)")
+    from latentwire.scheduler.cost.profiles import ProfileError, load_device, load_link
+
+    try:
+        cloud, edge, link = load_device(args.cloud_device), load_device(args.edge_device), load_link(args.link)
+    except ProfileError as e:
+        raise SystemExit(f"latentwire cost: {e}") from None
+    from latentwire.protocol import CODECS
+    from latentwire.scheduler.cost.model import CostError, default_session, predict
+    from latentwire.scheduler.wire import MAX_ZSTD_LEVEL, Codecs
+
+    for flag, codec, level in (("--latent-codec", args.latent_codec, args.latent_level),
+                               ("--state-codec", args.state_codec, 0)):
+        if codec not in CODECS:
+            raise SystemExit(f"latentwire cost: {flag} {codec!r}: one of {', '.join(CODECS)}")
+    if not 0 <= args.latent_level <= MAX_ZSTD_LEVEL:
+        raise SystemExit(f"latentwire cost: --latent-level {args.latent_level}: a zstd level in 0..{MAX_ZSTD_LEVEL}")
+    if args.steps < 1:
+        raise SystemExit(f"latentwire cost: --steps {args.steps}: give a positive int")
+    plan = _plan(args)
+    codecs = Codecs(latent=(args.latent_codec, args.latent_level), state=(args.state_codec, 0))
+    try:
+        session = default_session(plan, args.scheduler)
+        cost = predict(plan, cloud, edge, link, load=args.load, codecs=codecs, preview_every=args.preview_every,
+                       cloud_batch=args.cloud_batch, session=session, latent_shape=args.latent_shape)
+    except (CostError, ProfileError) as e:
+        raise SystemExit(f"latentwire cost: {e}") from None
+    except ValueError as e:  # PlanError from a scheduler that takes another number of steps, and the like
+        raise SystemExit(f"latentwire cost: {e}") from None
+    out = {"plan": str(plan), "cloud_device": cloud.name, "edge_device": edge.name, "link": link.name,
+           "load": args.load, "cloud_batch": args.cloud_batch, "scheduler": args.scheduler, **cost.to_plain()}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{plan}\n  cloud {cloud.name}, edge {edge.name}, link {link.name}, load {args.load:g}, "
+          f"cloud batch {args.cloud_batch}, {args.scheduler}")
+    print(f"  {'latency':<16}{cost.latency_s:>12.4f} s")
+    for part, seconds in cost.parts.items():
+        print(f"    {part:<14}{seconds:>12.4f} s")
+    print(f"  {'cloud GPU':<16}{cost.cloud_gpu_s:>12.4f} s\n  {'edge':<16}{cost.edge_s:>12.4f} s")
+    print(f"  {'bytes up':<16}{cost.bytes_up:>12d} B in {cost.requests} request(s)\n"
+          f"  {'bytes down':<16}{cost.bytes_down:>12d} B ({cost.previews} preview(s))")
+    for note in cost.notes:
+        print(f"  note: {note}")
+    return 0
+
+
 def _plan_arguments(parser, steps):
     parser.add_argument("--plan", default="hybrid-sd", help="cloud-only, edge-only, hybrid-sd, ec-diff, preview-refine")
     parser.add_argument("--k", type=int, help="hybrid-sd: cloud steps; ec-diff: skipped steps between real calls")
@@ -355,7 +483,7 @@ def build_parser():
     c.add_argument("--level", type=int, nargs="+", default=[0, 3], help="zstd levels to show (0 = off)")
     c.set_defaults(func=_codecs)
 
-    c = sub.add_parser("cloud", help="serve a diffusers Stable-Diffusion-style model to edges",
+    c = sub.add_parser("cloud", help="serve a diffusers model (SD 1.x/2.x, SDXL, SD3, Flux, CogVideoX) to edges",
                        description="Load a diffusers pipeline folder and serve edge sessions until SIGTERM, "
                                    "which finishes the requests in flight. --workers N runs N worker processes "
                                    "behind one endpoint; --connect makes this process a worker of a "
@@ -431,7 +559,8 @@ def build_parser():
     e.add_argument("--latent-codec", default="int8", help="fp32, fp16, bf16, int8, int4, or auto (with --link)")
     e.add_argument("--latent-level", type=int, default=3)
     e.add_argument("--state-codec", default="fp16")
-    e.add_argument("--link", help="emulate a link: 10mbit-50ms, 100mbit-20ms, 1gbit-1ms, or MBIT_PER_S,LATENCY_MS")
+    e.add_argument("--link", help="emulate a link: 10mbit-50ms, 100mbit-20ms, 1gbit-1ms, a link profile (a NAME "
+                                  "from `latentwire cost --list`, or PATH.json), or MBIT_PER_S,LATENCY_MS")
     e.add_argument("--error-budget", type=float, default=0.01,
                    help="with --latent-codec auto: the latent's allowed RMSE, as a share of its std")
     e.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
@@ -468,6 +597,43 @@ def build_parser():
     d.add_argument("--prompts", type=int, default=6)
     d.add_argument("--steps", type=int, default=20)
     d.set_defaults(func=_demo)
+
+    c = sub.add_parser("profile", help="measure a device profile of a model folder on this machine",
+                       description="Time text encoding, one guided UNet step (batch 1, 2, 4), the fused sampler "
+                                   "step and VAE decoding of a diffusers model folder here, and write them as a "
+                                   "device profile (scheduler/cost/data/README.md's format) that `latentwire cost` "
+                                   "takes wherever a device is named.")
+    c.add_argument("--model", required=True, help="a diffusers model folder")
+    c.add_argument("--out", required=True, help="the profile .json to write")
+    c.add_argument("--name", help="the profile's name (default: FOLDER@here)")
+    c.add_argument("--resolution", type=int, help="image side in pixels (default: the model's own)")
+    c.add_argument("--steps", type=int, default=25, help="the schedule the timed step's timestep comes from")
+    c.add_argument("--repeats", type=int, default=5, help="timed calls per figure (the median is kept)")
+    c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    _device_arguments(c)
+    c.set_defaults(func=_profile)
+
+    c = sub.add_parser("cost", help="predict a plan's latency, cloud GPU-seconds and bytes on devices and a link",
+                       description="Walk the plan with device and link profiles (names from --list, or paths to "
+                                   "profile .json files) and the protocol's real message sizes; print the "
+                                   "predicted latency with its parts, cloud GPU-seconds, edge seconds and bytes.")
+    c.add_argument("--list", action="store_true", help="list the shipped device and link profiles")
+    _plan_arguments(c, steps=50)
+    c.add_argument("--cloud-device", help="the cloud's device profile: NAME (MODEL@HARDWARE) or PATH")
+    c.add_argument("--edge-device", help="the edge's device profile: NAME or PATH")
+    c.add_argument("--link", help="the link profile: NAME or PATH")
+    c.add_argument("--load", type=float, default=0.0, help="the cloud's utilisation in [0, 1) (M/D/1 queue)")
+    c.add_argument("--cloud-batch", type=int, default=1, help="sessions sharing each cloud forward")
+    c.add_argument("--preview-every", type=int, default=0, help="the cloud streams a preview every N steps")
+    c.add_argument("--scheduler", default="DDIMScheduler",
+                   help="the diffusers scheduler the session uses (decides the solver state that travels)")
+    c.add_argument("--latent-shape", type=int, nargs="+",
+                   help="C H W (or F C H W) of the latent that travels (default: the profiles' latent_shape)")
+    c.add_argument("--latent-codec", default="int8")
+    c.add_argument("--latent-level", type=int, default=3)
+    c.add_argument("--state-codec", default="fp16")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=_cost)
     return p
 
 

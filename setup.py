@@ -10,7 +10,7 @@ pulls a multi-GB CUDA build. On a GPU machine install the torch you want first, 
 """
 from setuptools import setup
 
-SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "pipelines", "pipelines.models"]
+SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "scheduler.cost", "pipelines", "pipelines.models"]
 
 setup(
     name="latentwire",
@@ -21,7 +21,8 @@ setup(
     python_requires=">=3.10",
     packages=["latentwire"] + [f"latentwire.{name}" for name in SUBPACKAGES],
     package_dir={"latentwire": "."},
-    package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*", "assets/**/*"]},
+    package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*", "assets/**/*"],
+                  "latentwire.scheduler.cost": ["data/devices/*.json", "data/links/*.json", "data/*.md"]},
     install_requires=[
         "torch>=2.1",
         "triton",

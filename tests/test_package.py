@@ -82,6 +82,26 @@ def test_a_real_install_holds_only_latentwire(target_install):
     assert {assets + f for f in shipped} <= set(record), {assets + f for f in shipped} - set(record)
     assert {"judge.pt", "world-sd-cloud/unet/diffusion_pytorch_model.safetensors",
             "world-sd-edge/unet/diffusion_pytorch_model.safetensors"} <= shipped
+    # the cost model's profiles travel too: `latentwire cost` names them
+    data = REPO / "scheduler" / "cost" / "data"
+    profiles = {"latentwire/scheduler/cost/data/" + str(p.relative_to(data)) for p in data.rglob("*.json")}
+    assert profiles <= set(record), profiles - set(record)
+    assert any(p.startswith("latentwire/scheduler/cost/data/devices/") for p in profiles)
+    assert any(p.startswith("latentwire/scheduler/cost/data/links/") for p in profiles)
+    assert {"latentwire/scheduler/cost/model.py", "latentwire/scheduler/cost/profiles.py",
+            "latentwire/scheduler/cost/data/README.md"} <= set(record)
+
+
+def test_a_real_install_loads_a_shipped_profile(target_install, tmp_path):
+    code = ("import json; from latentwire.scheduler.cost.profiles import DATA, list_profiles, load_device, load_link; "
+            "names = list_profiles(); print(json.dumps([DATA, names, load_device(names['devices'][0]).name, "
+            "load_link(names['links'][0]).name]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(target_install)})
+    assert out.returncode == 0, out.stderr
+    data, names, device, link = json.loads(out.stdout)
+    assert data.startswith(str(target_install)) and names["devices"] and names["links"]
+    assert (device, link) == (names["devices"][0], names["links"][0])
 
 
 def _cli():

@@ -327,7 +327,7 @@ class EdgeClient:
             heard = time.monotonic()
             self.bytes_down += wire_bytes(reply[1:])
             if self.link is not None:
-                self._sleep(self.link.transfer_s(wire_bytes(reply[1:])))  # the reply's way down
+                self._sleep(self.link.transfer_s(wire_bytes(reply[1:]), down=True))  # the reply's way down
             try:
                 m = wire.parse_reply(reply[1:])
             except (ProtocolError, FieldError) as e:

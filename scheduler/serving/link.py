@@ -1,8 +1,9 @@
 """Link emulation and the choice of a latent codec per link.
 
-``Link`` is a one-way latency and a bandwidth; the edge client delays each message it sends and
-receives by ``transfer_s(bytes)``, so benchmarks report handoff and end-to-end times per link on
-loopback. ``choose_codec`` picks, for a link and an error budget, the codec with the least
+``Link`` is a one-way latency and a bandwidth (one each way, if they differ); the edge client delays each
+message it sends and receives by ``transfer_s(bytes)`` (``down=True`` for what it receives), so benchmarks
+report handoff and end-to-end times per link on loopback; ``parse_link`` reads the cost model's link
+profiles too (scheduler/cost/data/links). ``choose_codec`` picks, for a link and an error budget, the codec with the least
 encode + transfer + decode time, from timings measured on a latent of the size that will travel.
 """
 import statistics
@@ -16,20 +17,33 @@ from latentwire.protocol import decode, encode, wire_bytes
 
 @dataclass(frozen=True)
 class Link:
-    """An emulated network link: bandwidth in Mbit/s, one-way latency in ms."""
+    """An emulated network link: bandwidth in Mbit/s (edge to cloud; ``down_mbit_per_s`` cloud to edge,
+    None: the same), one-way latency in ms."""
 
     name: str
     mbit_per_s: float
     latency_ms: float
+    down_mbit_per_s: float = None
 
     def __post_init__(self):
-        if not (self.mbit_per_s > 0 and self.latency_ms >= 0):
-            raise ValueError(f"link {self.name!r}: bandwidth must be > 0 and latency >= 0, got "
-                             f"{self.mbit_per_s} Mbit/s, {self.latency_ms} ms")
+        down = self.mbit_per_s if self.down_mbit_per_s is None else self.down_mbit_per_s
+        if not (self.mbit_per_s > 0 and down > 0 and self.latency_ms >= 0):
+            raise ValueError(f"link {self.name!r}: bandwidth must be > 0 (each way) and latency >= 0, got "
+                             f"{self.mbit_per_s} Mbit/s up, {down} Mbit/s down, {self.latency_ms} ms")
 
-    def transfer_s(self, nbytes):
-        """Seconds from the first byte sent to the last received, for one message of nbytes."""
-        return self.latency_ms / 1e3 + 8 * nbytes / (self.mbit_per_s * 1e6)
+    def transfer_s(self, nbytes, down=False):
+        """Seconds from the first byte sent to the last received, for one message of nbytes (down: from
+        the cloud to the edge)."""
+        mbit = self.down_mbit_per_s if down and self.down_mbit_per_s is not None else self.mbit_per_s
+        return self.latency_ms / 1e3 + 8 * nbytes / (mbit * 1e6)
+
+    @classmethod
+    def from_profile(cls, profile):
+        """The emulated link of a cost-model LinkProfile (scheduler/cost/profiles.py): its bandwidths, and
+        half its round-trip time each way."""
+        for f in ("up_mbit_s", "down_mbit_s", "rtt_ms"):
+            profile.need(f)
+        return cls(profile.name, profile.up_mbit_s, profile.rtt_ms / 2, profile.down_mbit_s)
 
 
 PROFILES = {
@@ -43,13 +57,22 @@ DEFAULT_ERROR_BUDGET = 0.01  # RMSE / std of the latent: int8's error on a laten
 
 
 def parse_link(text):
-    """A profile name from PROFILES, or 'MBIT,MS' (e.g. '50,30')."""
+    """A profile name from PROFILES, 'MBIT,MS' (e.g. '50,30'), or a cost-model link profile: a name from
+    the package data (scheduler/cost/data/links) or a .json file's path."""
     if text in PROFILES:
         return PROFILES[text]
+    from latentwire.scheduler.cost.profiles import ProfileError, list_profiles, load_link
+
+    if text in list_profiles()["links"] or text.endswith(".json"):
+        try:
+            return Link.from_profile(load_link(text))
+        except ProfileError as e:
+            raise ValueError(f"link {text!r}: {e}") from None
     try:
         mbit, ms = (float(v) for v in text.split(","))
     except ValueError:
-        raise ValueError(f"link {text!r}: give one of {', '.join(PROFILES)} or 'MBIT_PER_S,LATENCY_MS'") from None
+        raise ValueError(f"link {text!r}: give one of {', '.join([*PROFILES, *list_profiles()['links']])}, a link "
+                         "profile's .json path, or 'MBIT_PER_S,LATENCY_MS'") from None
     return Link(text, mbit, ms)
 
 
