@@ -15,6 +15,7 @@ from latentwire.scheduler.serving.cloud import CloudServer
 from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.engine import CloudEngine, Refused
 from latentwire.scheduler.limits import ServingLimits
+from fakes import Slow
 
 EXACT = wire.Codecs(latent=("fp32", 0), state=("fp32", 0))
 WAIT_S = 60
@@ -195,25 +196,9 @@ def test_the_engine_refuses_what_its_limits_forbid(models):
     assert engine.health().jobs == 0
 
 
-class _Slow:
-    def __init__(self, model, delay):
-        self.model, self.delay = model, delay
-        self.latent_space, self.text_space, self.latent_shape = model.latent_space, model.text_space, model.latent_shape
-
-    def encode_prompt(self, prompt, negative=""):
-        return self.model.encode_prompt(prompt, negative)
-
-    def predict(self, x, t, cond, uncond, scheduler=None, guidance=None):
-        time.sleep(self.delay)
-        return self.model.predict(x, t, cond, uncond, scheduler=scheduler, guidance=guidance)
-
-    def initial_noise(self, *args, **kwargs):
-        return self.model.initial_noise(*args, **kwargs)
-
-
 def test_a_cloud_whose_steps_outlast_the_heartbeat_timeout_is_slow_not_dead(models, tmp_path):
     bind = f"ipc://{tmp_path}/slow.sock"
-    server = CloudServer(_Slow(models["cloud"], 2.0), bind, heartbeat_s=0.1)
+    server = CloudServer(Slow(models["cloud"], 2.0), bind, heartbeat_s=0.1)
     thread = threading.Thread(target=server.serve_forever, kwargs={"install_signals": False})
     thread.start()
     try:
@@ -257,7 +242,7 @@ def test_retries_spent_on_a_busy_cloud_end_in_a_public_error_that_says_so(models
     from latentwire.scheduler.serving.edge import CloudUnavailable
 
     bind = f"ipc://{tmp_path}/full.sock"
-    server = CloudServer(_Slow(models["cloud"], 0.05), bind, limits=ServingLimits(max_sessions=1))
+    server = CloudServer(Slow(models["cloud"], 0.05), bind, limits=ServingLimits(max_sessions=1))
     thread = threading.Thread(target=server.serve_forever, kwargs={"install_signals": False})
     thread.start()
     try:

@@ -24,6 +24,7 @@ from latentwire.scheduler.serving.edge import Cancelled, CloudError, CloudUnavai
 from latentwire.scheduler.limits import ServingLimits
 from latentwire.scheduler.logs import JsonFormatter
 from latentwire.scheduler.wire import Codecs
+from fakes import Slow
 
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
 WAIT_S = 30  # any single wait here; the tiny model's steps take milliseconds
@@ -44,24 +45,6 @@ def _spec(model, steps, prompt="a red circle", seed=1, plan="cloud-only"):
     s = model.make_scheduler("DDIMScheduler")
     return SessionSpec(prompt=prompt, plan=make(plan, steps), scheduler=type(s).__name__,
                        scheduler_config=dict(s.config), guidance_scale=5.0, seed=seed)
-
-
-class _Slow:
-    """The cloud model, taking ``delay`` seconds more per step: a slow cloud, or a long session."""
-
-    def __init__(self, model, delay):
-        self.model, self.delay = model, delay
-        self.latent_space, self.text_space, self.latent_shape = model.latent_space, model.text_space, model.latent_shape
-
-    def encode_prompt(self, prompt, negative=""):
-        return self.model.encode_prompt(prompt, negative)
-
-    def predict(self, x, t, cond, uncond, scheduler=None, guidance=None):
-        time.sleep(self.delay)
-        return self.model.predict(x, t, cond, uncond, scheduler=scheduler, guidance=guidance)
-
-    def initial_noise(self, *args, **kwargs):
-        return self.model.initial_noise(*args, **kwargs)
 
 
 class _Served:
@@ -95,7 +78,7 @@ def _until(condition, what, timeout=WAIT_S):
 @pytest.mark.parametrize("max_batch", [1, 4])
 def test_cancel_frees_the_slot_at_a_step_boundary(models, tmp_path, max_batch):
     bind = f"ipc://{tmp_path}/c.sock"
-    with _Served(_Slow(models["cloud"], 0.02), bind, max_batch=max_batch,
+    with _Served(Slow(models["cloud"], 0.02), bind, max_batch=max_batch,
                  limits=ServingLimits(max_sessions=1)) as server:
         long = EdgeClient(bind, models["edge"], timeout_s=WAIT_S)
         outcome = []
@@ -125,7 +108,7 @@ def _catch(fn, *args):
 
 def test_a_session_past_its_deadline_ends_at_the_next_step_and_the_edge_can_finish_it(models, tmp_path):
     bind = f"ipc://{tmp_path}/d.sock"
-    with _Served(_Slow(models["cloud"], 0.05), bind) as server:
+    with _Served(Slow(models["cloud"], 0.05), bind) as server:
         spec = _spec(models["cloud"], 100)  # 5 s of cloud steps, against a deadline of 0.5 s
         start = time.monotonic()
         with pytest.raises(CloudUnavailable, match="did not finish in time"):
@@ -139,7 +122,7 @@ def test_a_session_past_its_deadline_ends_at_the_next_step_and_the_edge_can_fini
 
 def test_a_slow_cloud_that_beats_is_waited_for(models, tmp_path):
     bind = f"ipc://{tmp_path}/s.sock"
-    with _Served(_Slow(models["cloud"], 0.3), bind, heartbeat_s=0.1):  # every step outlasts two beats
+    with _Served(Slow(models["cloud"], 0.3), bind, heartbeat_s=0.1):  # every step outlasts two beats
         spec = _spec(models["cloud"], 8)
         client = EdgeClient(bind, models["edge"], codecs=EXACT, timeout_s=WAIT_S, heartbeat_timeout_s=1.0)
         latent, summary = client.generate(spec)
@@ -168,7 +151,7 @@ def _run_request(spec, model):
 def test_limits_are_named_and_a_refused_message_does_not_stop_the_others(models, tmp_path):
     bind = f"ipc://{tmp_path}/l.sock"
     limits = ServingLimits(max_message_bytes=4096, max_steps_per_session=50, max_sessions_per_client=1)
-    with _Served(_Slow(models["cloud"], 0.01), bind, limits=limits) as server:
+    with _Served(Slow(models["cloud"], 0.01), bind, limits=limits) as server:
         sock = _raw(bind)
         sock.send_multipart([b"big", b"x" * 5000])
         rid, m = _reply(sock)
@@ -321,7 +304,7 @@ def test_the_per_client_limit_counts_a_curve_key_across_connections(models, tmp_
     (tmp_path / "allowed" / "alice.key").write_bytes((tmp_path / "keys" / "alice.key").read_bytes())
     bind = f"ipc://{tmp_path}/k.sock"
     keys = {"curve_secret": tmp_path / "keys" / "alice.key_secret", "server_key": tmp_path / "keys" / "server.key"}
-    with _Served(_Slow(models["cloud"], 0.02), bind, limits=ServingLimits(max_sessions_per_client=1),
+    with _Served(Slow(models["cloud"], 0.02), bind, limits=ServingLimits(max_sessions_per_client=1),
                  curve_secret=tmp_path / "keys" / "server.key_secret", allow=tmp_path / "allowed"):
         long = EdgeClient(bind, models["edge"], timeout_s=WAIT_S, **keys)
         outcome = []
@@ -353,7 +336,7 @@ def test_a_broker_and_a_worker_started_apart_serve_an_edge(pair, models, tmp_pat
 
 def test_a_long_request_id_is_dropped_and_a_reused_one_is_refused_while_in_flight(models, tmp_path):
     bind = f"ipc://{tmp_path}/ids.sock"
-    with _Served(_Slow(models["cloud"], 0.02), bind):
+    with _Served(Slow(models["cloud"], 0.02), bind):
         sock = _raw(bind)
         sock.send_multipart([b"x" * 65] + _run_request(_spec(models["cloud"], 4), models["cloud"]))  # never echoed
         assert not sock.poll(500)
