@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .sd import SCHEDULER_CONFIG, _placed, scale_model_input, scheduler_class_named
-from .common import PipelineModel
+from .common import PipelineModel, require_subfolders, guidance_rows
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 ROTARY_CACHE_ENTRIES = 8  # latent grids (F, H, W) whose rotary embeddings a model keeps
@@ -122,10 +122,7 @@ class CogVideoXModel(PipelineModel):
         from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
         from transformers import T5EncoderModel, T5Tokenizer
 
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-        if missing:
-            raise FileNotFoundError(f"{path!r} is not a CogVideoX folder: it lacks {', '.join(missing)}; give a "
-                                    "local folder written by CogVideoXPipeline.save_pretrained")
+        require_subfolders(path, SUBFOLDERS, "CogVideoX", "CogVideoXPipeline")
         local = dict(local_files_only=True)
         tokenizer = T5Tokenizer.from_pretrained(path, subfolder="tokenizer", **local)
         text_encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **local)
@@ -197,11 +194,7 @@ class CogVideoXModel(PipelineModel):
                 raise ValueError(f"text embeddings must be (1 or {b}, {length}, {width}), got {tuple(e.shape)}")
         embeds = [e.expand(b, -1, -1) for e in embeds]
         k = len(embeds)
-        x_in = torch.cat([x] * k) if k > 1 else x
-        if isinstance(t, torch.Tensor) and t.dim() == 1:
-            if t.shape != (b,):
-                raise ValueError(f"a per-row t must have shape ({b},), got {tuple(t.shape)}")
-            t = torch.cat([t] * k)
+        x_in, t = guidance_rows(x, t, k)
         x_in = scale_model_input(scheduler if scheduler is not None else self.scheduler, x_in, t)
         timestep = torch.as_tensor(t, device=self.device).expand(k * b)  # the pipeline's t.expand(B)
         rotary = None  # CogVideoX-2b adds sinusoidal position embeddings inside the transformer instead

@@ -1,8 +1,30 @@
 """What every family shares: x_T drawn as the diffusers pipelines' prepare_latents draw it, and the
 one-process loop that reproduces a pipeline's call (the reference the split runs are held to)."""
+import os
+
 import torch
 
 from ...kernels import FusedSampler
+
+
+def require_subfolders(path, subfolders, family, pipeline, hint=""):
+    """A FileNotFoundError naming what a family's folder lacks, unless it has every subfolder."""
+    missing = [s for s in subfolders if not os.path.isdir(os.path.join(path, s))]
+    if missing:
+        raise FileNotFoundError(f"{path!r} is not a {family} folder: it lacks {', '.join(missing)}{hint}; give a "
+                                f"local folder written by {pipeline}.save_pretrained")
+
+
+def guidance_rows(x, t, k):
+    """x (B, ...) and a per-row t (B,) repeated for k conditionings, as the pipelines batch classifier-free
+    guidance ([uncond, cond]) -> (x_in, t_in); a shared t stays as it is."""
+    b = x.shape[0]
+    x_in = torch.cat([x] * k) if k > 1 else x
+    if isinstance(t, torch.Tensor) and t.dim() == 1:
+        if t.shape != (b,):
+            raise ValueError(f"a per-row t must have shape ({b},), got {tuple(t.shape)}")
+        t = torch.cat([t] * k)
+    return x_in, t
 
 
 class PipelineModel:

@@ -31,7 +31,7 @@ import torch
 
 from ...kernels import FusedSampler
 from .sd import _placed, scheduler_class_named
-from .common import PipelineModel
+from .common import PipelineModel, require_subfolders
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "transformer", "vae", "scheduler")
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default and largest max_sequence_length (T5 tokens)
@@ -137,10 +137,7 @@ class FluxModel(PipelineModel):
         from diffusers import AutoencoderKL, FluxTransformer2DModel
         from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-        if missing:
-            raise FileNotFoundError(f"{path!r} is not a Flux folder: it lacks {', '.join(missing)}; give a local "
-                                    "folder written by FluxPipeline.save_pretrained")
+        require_subfolders(path, SUBFOLDERS, "Flux", "FluxPipeline")
         local = dict(local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **local)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **local)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .common import PipelineModel
+from .common import PipelineModel, require_subfolders, guidance_rows
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -87,10 +87,7 @@ class StableDiffusionModel(PipelineModel):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-        if missing:
-            raise FileNotFoundError(f"{path!r} is not a Stable Diffusion folder: it lacks {', '.join(missing)}; "
-                                    "give a local folder written by StableDiffusionPipeline.save_pretrained")
+        require_subfolders(path, SUBFOLDERS, "Stable Diffusion", "StableDiffusionPipeline")
         local = dict(local_files_only=True)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **local)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **local)
@@ -163,11 +160,7 @@ class StableDiffusionModel(PipelineModel):
                 raise ValueError(f"text embeddings must be (1 or {b}, {length}, {width}), got {tuple(e.shape)}")
         embeds = [e.expand(b, -1, -1) for e in embeds]
         k = len(embeds)
-        x_in = torch.cat([x] * k) if k > 1 else x
-        if isinstance(t, torch.Tensor) and t.dim() == 1:
-            if t.shape != (b,):
-                raise ValueError(f"a per-row t must have shape ({b},), got {tuple(t.shape)}")
-            t = torch.cat([t] * k)
+        x_in, t = guidance_rows(x, t, k)
         x_in = scale_model_input(scheduler if scheduler is not None else self.scheduler, x_in, t)
         out = self.unet(x_in, t, encoder_hidden_states=torch.cat(embeds), return_dict=False)[0]
         if k == 1:

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from .sd import _placed, scheduler_class_named
-from .common import PipelineModel
+from .common import PipelineModel, require_subfolders
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer", "vae", "scheduler")
 T5_SUBFOLDERS = ("text_encoder_3", "tokenizer_3")
@@ -132,10 +132,7 @@ class StableDiffusion3Model(PipelineModel):
         from diffusers import AutoencoderKL, SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-        if missing:
-            raise FileNotFoundError(f"{path!r} is not a Stable Diffusion 3 folder: it lacks {', '.join(missing)}; "
-                                    "give a local folder written by StableDiffusion3Pipeline.save_pretrained")
+        require_subfolders(path, SUBFOLDERS, "Stable Diffusion 3", "StableDiffusion3Pipeline")
         with open(os.path.join(path, "model_index.json")) as f:
             index = json.load(f)
         listed = [s for s in T5_SUBFOLDERS if (index.get(s) or [None])[0] is not None]

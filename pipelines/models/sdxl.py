@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from .sd import SCHEDULER_CONFIG, LatentSpace, _placed, scale_model_input, scheduler_class_named
-from .common import PipelineModel
+from .common import PipelineModel, require_subfolders, guidance_rows
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
 MODEL_INDEX = "model_index.json"
@@ -106,11 +106,7 @@ class StableDiffusionXLModel(PipelineModel):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
-        if missing:
-            raise FileNotFoundError(f"{path!r} is not a Stable Diffusion XL folder: it lacks {', '.join(missing)} "
-                                    "(a refiner has no text_encoder/tokenizer and is not supported); give a local "
-                                    "folder written by StableDiffusionXLPipeline.save_pretrained")
+        require_subfolders(path, SUBFOLDERS, "Stable Diffusion XL", "StableDiffusionXLPipeline", " (a refiner has no text_encoder/tokenizer and is not supported)")
         local = dict(local_files_only=True)
         tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder=s, **local) for s in ("tokenizer", "tokenizer_2")]
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **local)
@@ -219,11 +215,7 @@ class StableDiffusionXLModel(PipelineModel):
             embeds.append(e.expand(b, -1, -1))
             pooled.append(p.expand(b, -1))
         k = len(pairs)
-        x_in = torch.cat([x] * k) if k > 1 else x
-        if isinstance(t, torch.Tensor) and t.dim() == 1:
-            if t.shape != (b,):
-                raise ValueError(f"a per-row t must have shape ({b},), got {tuple(t.shape)}")
-            t = torch.cat([t] * k)
+        x_in, t = guidance_rows(x, t, k)
         x_in = scale_model_input(scheduler if scheduler is not None else self.scheduler, x_in, t)
         added = {"text_embeds": torch.cat(pooled), "time_ids": self.time_ids.repeat(k * b, 1)}
         out = self.unet(x_in, t, encoder_hidden_states=torch.cat(embeds), added_cond_kwargs=added,
