@@ -210,16 +210,40 @@ def _check_image_path(path):
         raise SystemExit(f"latentwire edge: --out {path!r}: the folder {folder} does not exist")
 
 
+def _plan_params(args):
+    return {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
+                              ("strength", args.strength), ("preset", args.preset)) if v is not None}
+
+
 def _plan(args):
-    """The plan the flags describe (--plan NAME, --steps and the plan's own parameters)."""
+    """The plan the flags describe: --plan-file FILE (what `latentwire search --out` writes), else --plan NAME
+    with --steps and the plan's own parameters."""
     from latentwire.scheduler import PlanError, make
 
-    params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
-                                ("strength", args.strength)) if v is not None}
+    if args.plan_file:
+        return _plan_file(args.plan_file)
     try:
-        return make(args.plan, args.steps, **params)
+        return make(args.plan, args.steps, **_plan_params(args))
     except PlanError as e:
         raise SystemExit(f"latentwire: {e}") from None
+
+
+def _plan_file(path):
+    """A plan from a JSON file of Plan.to_plain(), checked field by field as the wire checks it."""
+    import json
+
+    from latentwire.scheduler import Plan
+    from latentwire.scheduler.fields import FieldError
+
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return Plan.from_plain(d, field="plan_file")
+    except OSError as e:
+        raise SystemExit(f"latentwire: --plan-file {path}: {e.strerror}") from None
+    except (ValueError, FieldError) as e:  # json.JSONDecodeError is a ValueError
+        raise SystemExit(f"latentwire: --plan-file {path}: not a plan ({e}); write one with `latentwire search "
+                         "--out FILE`, or json.dump(plan.to_plain())") from None
 
 
 def _session(args, model):
@@ -227,11 +251,10 @@ def _session(args, model):
     clear exit, before the cloud is asked."""
     from latentwire.scheduler import SessionSpec
 
-    params = {k: v for k, v in (("k", args.k), ("p", args.p), ("a", args.a), ("s", args.s),
-                                ("strength", args.strength)) if v is not None}
+    plan = _plan_file(args.plan_file) if args.plan_file else args.plan
     try:
-        return SessionSpec.for_model(model, args.prompt, plan=args.plan, steps=args.steps, scheduler=args.scheduler,
-                                     plan_params=params, negative_prompt=args.negative_prompt,
+        return SessionSpec.for_model(model, args.prompt, plan=plan, steps=args.steps, scheduler=args.scheduler,
+                                     plan_params=_plan_params(args), negative_prompt=args.negative_prompt,
                                      guidance_scale=args.guidance, seed=args.seed)
     except ValueError as e:  # PlanError, UnsupportedScheduler, an unknown scheduler class
         raise SystemExit(f"latentwire edge: {e}") from None
@@ -258,6 +281,68 @@ def _eval(args):
         for key, value in result.items():
             print(f"{key:>20}  {value}")
     return 0
+
+
+def _search(args):
+    """`latentwire search`: the plan with the least predicted latency within a quality bound (EC-Diff's search)."""
+    import json
+
+    import torch
+
+    from latentwire.pipelines.ecdiff import SearchError, search, share
+    from latentwire.pipelines.evaluate import EVAL_SEED, evaluate_plan, load_models
+    from latentwire.scheduler import make
+    from latentwire.scheduler.cost.model import CostError, predict
+    from latentwire.scheduler.cost.profiles import ProfileError, load_device, load_link
+
+    try:
+        cloud, edge, link = load_device(args.cloud_device), load_device(args.edge_device), load_link(args.link)
+        cloud, edge, assumed = _assumed(args.assume, cloud, edge)
+    except ProfileError as e:
+        raise SystemExit(f"latentwire search: {e}") from None
+    seed = EVAL_SEED if args.seed is None else args.seed
+    held_out_seed = seed + 1 if args.held_out_seed is None else args.held_out_seed
+    if held_out_seed == seed:
+        raise SystemExit("latentwire search: --held-out-seed must differ from --seed (the check is on prompts the "
+                         "search never saw)")
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    models = load_models(args.cloud)
+    log = (lambda text: None) if args.json else (lambda text: print(text, file=sys.stderr, flush=True))
+
+    def cost(plan):
+        return predict(plan, cloud, edge, link, load=args.load)
+
+    def judge(plan, n=args.n, seed=seed):
+        q = evaluate_plan(plan, models, n=n, seed=seed)
+        log(f"  measured {plan}: accuracy {q['attribute_accuracy']:.4f}, Frechet {q['frechet_distance']:.1f}")
+        return q
+
+    try:
+        cost(make("cloud-only", args.steps))  # the profiles cover the plan's sides before any measurement
+        result = search(args.steps, cost, judge, min_quality=args.min_quality, budget=args.budget,
+                        preset=args.preset or "sd")
+    except (SearchError, CostError, ProfileError, ValueError) as e:
+        raise SystemExit(f"latentwire search: {e}") from None
+    out = {"system": args.system, "cloud_device": cloud.name, "edge_device": edge.name, "link": link.name,
+           "load": args.load, "assumed": assumed, "min_quality": args.min_quality, "budget": args.budget,
+           "steps": args.steps, "n": args.n, "seed": seed, "cloud": args.cloud, **result.to_plain()}
+    if result.plan is not None:
+        ref = judge(make("cloud-only", args.steps), args.held_out_n or args.n, held_out_seed)
+        found = judge(result.plan, args.held_out_n or args.n, held_out_seed)
+        out["held_out"] = {"seed": held_out_seed, "n": args.held_out_n or args.n, "quality": found, "reference": ref,
+                           "share": share(found, ref), "meets_bound": share(found, ref) >= args.min_quality}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result.plan.to_plain(), f, indent=1)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{'found' if result.plan else 'no plan met the bound'}: {out['plan_text']}")
+        if result.plan is not None:
+            print(f"  predicted latency {out['latency_s']:.3f} s, cloud GPU {out['cloud_gpu_s']:.3f} s; quality share "
+                  f"{out['share']:.3f} (search prompts), {out['held_out']['share']:.3f} (held out); "
+                  f"{out['evaluations']} evaluations" + (f"; written to {args.out}" if args.out else ""))
+    return 0 if result.plan is not None else 3
 
 
 def _demo(args):
@@ -356,7 +441,7 @@ def _profile(args):
     model = _load(args.model, "profile", args.device, args.dtype)
     try:
         profile = measure(model, name=name, model_name=model_name[:64] or "model", resolution=args.resolution,
-                          steps=args.steps, repeats=args.repeats)
+                          steps=args.steps, repeats=args.repeats, side=args.side)
         device_from_plain(profile, args.out)  # what we write, loadable as written
     except (ValueError, ProfileError) as e:
         raise SystemExit(f"latentwire profile: {e}") from None
@@ -415,6 +500,7 @@ def _cost(args):
 
     try:
         cloud, edge, link = load_device(args.cloud_device), load_device(args.edge_device), load_link(args.link)
+        cloud, edge, assumed = _assumed(args.assume, cloud, edge)
     except ProfileError as e:
         raise SystemExit(f"latentwire cost: {e}") from None
     from latentwire.protocol import CODECS
@@ -440,7 +526,8 @@ def _cost(args):
     except ValueError as e:  # PlanError from a scheduler that takes another number of steps, and the like
         raise SystemExit(f"latentwire cost: {e}") from None
     out = {"plan": str(plan), "cloud_device": cloud.name, "edge_device": edge.name, "link": link.name,
-           "load": args.load, "cloud_batch": args.cloud_batch, "scheduler": args.scheduler, **cost.to_plain()}
+           "load": args.load, "cloud_batch": args.cloud_batch, "scheduler": args.scheduler, "assumed": assumed,
+           **cost.to_plain()}
     if args.json:
         print(json.dumps(out))
         return 0
@@ -454,7 +541,16 @@ def _cost(args):
           f"  {'bytes down':<16}{cost.bytes_down:>12d} B ({cost.previews} preview(s))")
     for note in cost.notes:
         print(f"  note: {note}")
+    for what, seconds in assumed.items():
+        print(f"  ASSUMED: {what} = {seconds:g} s (not from the profile)")
     return 0
+
+
+def _assumed(items, cloud, edge):
+    """--assume SIDE.FIGURE=SECONDS (profiles.apply_assumptions) -> (cloud, edge, {SIDE.FIGURE: seconds})."""
+    from latentwire.scheduler.cost.profiles import apply_assumptions
+
+    return apply_assumptions(items, cloud, edge)
 
 
 def _plan_arguments(parser, steps):
@@ -464,7 +560,10 @@ def _plan_arguments(parser, steps):
     parser.add_argument("--a", type=float, help="ec-diff: slope scale")
     parser.add_argument("--s", type=int, help="ec-diff: switch step")
     parser.add_argument("--strength", type=float, help="preview-refine: share of the schedule the cloud redoes")
+    parser.add_argument("--preset", help="ec-diff: EC-Diff's published setting to scale, sd (p=7 k=2 a=0.3 s=37 of "
+                                         "50, the default), sdxl or cogvideox; --p/--k/--a/--s override it")
     parser.add_argument("--steps", type=int, default=steps, help="inference steps (diffusers' num_inference_steps)")
+    parser.add_argument("--plan-file", help="a plan as JSON (what `latentwire search --out` writes) instead of --plan")
 
 
 def build_parser():
@@ -610,8 +709,39 @@ def build_parser():
     c.add_argument("--steps", type=int, default=25, help="the schedule the timed step's timestep comes from")
     c.add_argument("--repeats", type=int, default=5, help="timed calls per figure (the median is kept)")
     c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    c.add_argument("--side", choices=("cloud", "edge", "any"), default="any",
+                   help="time the calls as this side's process runs them (a cloud daemon never decodes; on a CPU "
+                        "that changes the UNet's speed); the profile's kind")
     _device_arguments(c)
     c.set_defaults(func=_profile)
+
+    c = sub.add_parser("search", help="search a plan: the least predicted latency within a quality bound",
+                       description="EC-Diff's two-stage greedy search (stage 1 the switch step s, stage 2 p, k and a): "
+                                   "candidates in order of predicted latency (the cost model, for the named "
+                                   "profiles), each measured on the world (latentwire eval) until one keeps "
+                                   "--min-quality of cloud-only's attribute accuracy and Frechet distance; the "
+                                   "result is measured again on held-out prompts.")
+    c.add_argument("--system", choices=("ec-diff",), default="ec-diff")
+    c.add_argument("--cloud-device", required=True, help="the cloud's device profile: NAME or PATH")
+    c.add_argument("--edge-device", required=True, help="the edge's device profile: NAME or PATH")
+    c.add_argument("--link", required=True, help="the link profile: NAME or PATH")
+    c.add_argument("--load", type=float, default=0.0, help="the cloud's utilisation in [0, 1)")
+    c.add_argument("--assume", action="append", default=[], metavar="SIDE.FIGURE=SECONDS",
+                   help="fill a device figure the profile lacks (as latentwire cost --assume)")
+    c.add_argument("--min-quality", type=float, default=0.95, help="the share of cloud-only's quality to keep")
+    c.add_argument("--budget", type=int, default=12, help="quality measurements at most (cloud-only's included)")
+    c.add_argument("--steps", type=int, default=20)
+    c.add_argument("--preset", help="the EC-Diff setting stage 1 starts from: sd (default), sdxl, cogvideox")
+    c.add_argument("--n", type=int, default=32, help="search prompts per measurement")
+    c.add_argument("--seed", type=int, help="search prompts' seed (default: pipelines/evaluate.py's EVAL_SEED)")
+    c.add_argument("--held-out-seed", type=int, help="the held-out prompts' seed (default: --seed + 1)")
+    c.add_argument("--held-out-n", type=int, help="held-out prompts (default: --n)")
+    c.add_argument("--cloud", choices=("trained", "ideal"), default="trained",
+                   help="the world's cloud model: world-sd-cloud, or the exact denoiser")
+    c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    c.add_argument("--out", help="write the plan found here (JSON: --plan-file of edge, eval and cost)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=_search)
 
     c = sub.add_parser("cost", help="predict a plan's latency, cloud GPU-seconds and bytes on devices and a link",
                        description="Walk the plan with device and link profiles (names from --list, or paths to "
@@ -632,6 +762,9 @@ def build_parser():
     c.add_argument("--latent-codec", default="int8")
     c.add_argument("--latent-level", type=int, default=3)
     c.add_argument("--state-codec", default="fp16")
+    c.add_argument("--assume", action="append", default=[], metavar="SIDE.FIGURE=SECONDS",
+                   help="fill or vary one device figure for this prediction, e.g. cloud.text_encode_s=0.005 "
+                        "(repeatable; the output lists what was assumed)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(func=_cost)
     return p

@@ -38,7 +38,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],
         # Anchors the benchmarks compare against; not needed to use latentwire.
-        "bench": ["pytest-benchmark", "safetensors", "blosc2", "zfpy"],
+        "bench": ["pytest-benchmark", "safetensors", "blosc2", "zfpy", "matplotlib"],
     },
     entry_points={"console_scripts": ["latentwire = latentwire.cli:main"]},
 )

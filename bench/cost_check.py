@@ -1,17 +1,24 @@
-"""Cost model vs reality on loopback: every built-in plan on the embedded world models, a real `latentwire cloud`
-daemon on tcp://127.0.0.1, measured wall time against scheduler.cost.model.predict with this machine's profiles.
+"""Cost model vs reality on loopback: every built-in plan on a model pair (the embedded world models, or tiny
+random UNets at real latent sizes), a real `latentwire cloud` daemon on tcp://127.0.0.1, measured wall time
+against scheduler.cost.model.predict with this machine's profiles.
 
-    .venv/bin/python bench/cost_check.py [--repeats 5] [--steps 20] [--guidance 3] [--profile-repeats 20]
-                                         [--pairs 15] [--no-in-process] [--no-reprofile] [--json FILE]
+    .venv/bin/python bench/cost_check.py [--models world|tiny-sd|tiny-sdxl] [--image-size PX] [--repeats 5]
+                                         [--steps 20] [--guidance 3] [--profile-repeats 20] [--pairs 15]
+                                         [--no-in-process] [--no-reprofile] [--json FILE]
 
-1. Profiles: `latentwire profile --model CLOUD_PATH|EDGE_PATH --threads 1` (the real CLI, a process of its
+--models: world (default): the embedded world models, latent 4x8x8, where compute dominates and the
+messages are about a kilobyte; tiny-sd / tiny-sdxl: pipelines/models/tiny.py's and tiny_sdxl.py's random
+pairs saved at --image-size (default 512 / 1024: SD v1.5's latent 4x64x64 and SDXL's 4x128x128), so that the
+wire carries the bytes of real models' latents and solver state while compute stays cheap.
+
+1. Profiles: `latentwire profile --model CLOUD|EDGE --threads 1 --side cloud|edge` (the real CLI, a process of its
    own) into a temp folder; the `loopback` link: the median round trip of a 64-byte ZeroMQ message
    (DEALER -> ROUTER echo in another process, tcp://127.0.0.1) as its RTT, and the throughput of a large
    message (the round trip of BIG_BYTES less the small RTT, both ways) as its bandwidth, written as a link
    profile.
 2. One `latentwire cloud --threads 1` daemon (the embedded cloud model, defaults otherwise: max-batch 1, no
    previews) on tcp://127.0.0.1. This process is the edge: the embedded edge model, loaded once, one torch
-   thread. For each plan (default parameters, DDIM as the world models ship, guidance 3), sessions run one
+   thread. For each plan (default parameters, the folders' scheduler, guidance 3), sessions run one
    at a time, the plans taking turns round by round (one warm-up round first, not counted): a fresh
    EdgeClient, then the timed part, generate(spec) and model.decode(latent) (the edge's VAE decode to a PIL
    image), which is what predict's latency_s covers (its parts: text encoding on each side used, every
@@ -53,7 +60,7 @@ import daemons  # noqa: E402  (the tests' daemon starter: real processes, logs t
 from latentwire.kernels import FusedSampler  # noqa: E402
 from latentwire.pipelines import world  # noqa: E402
 from latentwire.pipelines.embedded import CLOUD_PATH, EDGE_PATH  # noqa: E402
-from latentwire.pipelines.models.sd import StableDiffusionModel  # noqa: E402
+from latentwire.pipelines.models import load_model  # noqa: E402
 from latentwire.protocol import wire_bytes  # noqa: E402
 from latentwire.scheduler import SessionSpec, make, wire  # noqa: E402
 from latentwire.scheduler.cost.model import TYPICAL_PID, predict  # noqa: E402
@@ -73,11 +80,12 @@ IDLE_S = 0.2  # how long a side waits, idle, in these sessions: about one cloud 
 TIMEOUT_S = 120.0  # EdgeClient's default: its deadline (118 s) is the one the model's Run carries
 # the loopback echo: a ROUTER that sends every message back as it came (copy=False: no Python copy)
 ECHO = """
+import sys
 import zmq
 ctx = zmq.Context()
 s = ctx.socket(zmq.ROUTER)
 s.linger = 0
-print(s.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+print(s.bind_to_random_port(sys.argv[1]), flush=True)
 while True:
     s.send_multipart(s.recv_multipart(copy=False), copy=False)
 """
@@ -85,10 +93,11 @@ while True:
 
 # -- 1. profiles ---------------------------------------------------------------------------------------------
 
-def profile(folder, out, repeats, steps):
-    """`latentwire profile` of a model folder -> the profile's path (the CLI's own process, one thread)."""
+def profile(folder, out, repeats, steps, side):
+    """`latentwire profile --side SIDE` of a model folder -> the profile's path (the CLI's own process, one
+    thread; side: as the daemon (cloud) or this process (edge) will run the model)."""
     cmd = [CLI, "profile", "--model", str(folder), "--out", str(out), "--threads", "1", "--repeats", str(repeats),
-           "--steps", str(steps)]
+           "--steps", str(steps), "--side", side]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -97,7 +106,7 @@ def profile(folder, out, repeats, steps):
 
 def measure_loopback(out):
     """The loopback link as ZeroMQ sees it -> (link profile path, details dict)."""
-    echo = subprocess.Popen([sys.executable, "-c", ECHO], stdout=subprocess.PIPE, text=True)
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, "tcp://127.0.0.1"], stdout=subprocess.PIPE, text=True)
     try:
         port = int(echo.stdout.readline())
         ctx = zmq.Context()
@@ -137,6 +146,30 @@ def measure_loopback(out):
     return Path(out), details
 
 
+# -- the model pair -----------------------------------------------------------------------------------------
+
+MODELS = {"world": None, "tiny-sd": 512, "tiny-sdxl": 1024}  # -> the default image side (world: its own)
+
+
+def model_pair(kind, image_size, folder):
+    """(cloud folder, edge folder, what they are, in words) for --models ``kind``; tiny pairs are saved
+    under ``folder``."""
+    if kind == "world":
+        if image_size is not None:
+            raise SystemExit("--image-size: the world models have their own size (latent 4x8x8); give --models "
+                             "tiny-sd or tiny-sdxl to choose one")
+        return CLOUD_PATH, EDGE_PATH, "the embedded world models (latent 4x8x8)"
+    from latentwire.pipelines.models.tiny import save_tiny_pair
+    from latentwire.pipelines.models.tiny_sdxl import save_tiny_sdxl_pair
+
+    size = MODELS[kind] if image_size is None else image_size
+    save = save_tiny_pair if kind == "tiny-sd" else save_tiny_sdxl_pair
+    cloud, edge = save(str(Path(folder) / kind), image_size=size)
+    module = "tiny.py" if kind == "tiny-sd" else "tiny_sdxl.py"
+    return Path(cloud), Path(edge), (f"{kind}: random tiny UNets at {size}x{size} (latent 4x{size // 8}x{size // 8}), "
+                                     f"pipelines/models/{module}")
+
+
 # -- 2. sessions ---------------------------------------------------------------------------------------------
 
 CAPTIONS = [world.caption(s) for s in world.all_scenes()]
@@ -149,16 +182,18 @@ def prompt_for(n):
 
 
 def spec_for(model, plan, n, guidance):
-    scheduler = model.make_scheduler()  # the folder's own: DDIM, as the world models ship
+    scheduler = model.make_scheduler()  # the folder's own: DDIM (world, tiny-sd), Euler (tiny-sdxl)
     prompt, negative = prompt_for(n)
     return SessionSpec(prompt=prompt, negative_prompt=negative, plan=plan, scheduler=type(scheduler).__name__,
                        scheduler_config=dict(scheduler.config), guidance_scale=guidance, seed=n)
 
 
-def split_session(endpoint, edge, spec):
-    """One session through the daemon -> record (seconds, bytes, calls)."""
+def split_session(endpoint, edge, spec, **client):
+    """One session through the daemon -> record (seconds, bytes, calls). client: more EdgeClient arguments
+    (an emulated link, CURVE keys)."""
     marks = []  # when each edge step ended: the steps' own pace inside a real session
-    client = EdgeClient(endpoint, edge, timeout_s=TIMEOUT_S, on_step=lambda i, real: marks.append(time.perf_counter()))
+    client = EdgeClient(endpoint, edge, timeout_s=TIMEOUT_S, on_step=lambda i, real: marks.append(time.perf_counter()),
+                        **client)
     start = time.perf_counter()
     latent, summary = client.generate(spec)
     generated = time.perf_counter()
@@ -292,6 +327,9 @@ def ms(s):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", choices=sorted(MODELS), default="world",
+                    help="the model pair (tiny-*: random UNets at real latent sizes)")
+    ap.add_argument("--image-size", type=int, help="tiny-* pairs: the image side in pixels (default 512 / 1024)")
     ap.add_argument("--repeats", type=int, default=5, help="timed sessions per plan (after one warm-up round)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=3.0)
@@ -310,19 +348,20 @@ def main(argv=None):
     load_before = os.getloadavg()
     t_run = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="latentwire-cost-check-"))
-    cloud_path = profile(CLOUD_PATH, tmp / "cloud.json", args.profile_repeats, args.steps)
-    edge_path = profile(EDGE_PATH, tmp / "edge.json", args.profile_repeats, args.steps)
+    cloud_dir, edge_dir, described = model_pair(args.models, args.image_size, tmp)
+    cloud_path = profile(cloud_dir, tmp / "cloud.json", args.profile_repeats, args.steps, "cloud")
+    edge_path = profile(edge_dir, tmp / "edge.json", args.profile_repeats, args.steps, "edge")
     link_path, link_details = measure_loopback(tmp / "loopback.json")
     cloud_p, edge_p, link = load_device(cloud_path), load_device(edge_path), load_link(link_path)
 
-    edge = StableDiffusionModel.from_pretrained(str(EDGE_PATH))
+    edge = load_model(str(edge_dir))
     models = {"edge": edge}
     if args.in_process:
-        models["cloud"] = StableDiffusionModel.from_pretrained(str(CLOUD_PATH))
+        models["cloud"] = load_model(str(cloud_dir))
     plans = {name: make(name, args.steps) for name in PLANS}
     spaces = (wire.plain(edge.latent_space), wire.plain(edge.text_space))
     endpoint = f"tcp://127.0.0.1:{daemons.free_port()}"
-    proc = daemons.start("cloud", "--bind", endpoint, "--model", str(CLOUD_PATH), "--threads", "1",
+    proc = daemons.start("cloud", "--bind", endpoint, "--model", str(cloud_dir), "--threads", "1",
                          same_threads=False)
     rows = {name: [] for name in PLANS}
     n = 0
@@ -345,18 +384,22 @@ def main(argv=None):
         code = daemons.stop(proc)
     after = {}
     if args.reprofile:
-        after_cloud = load_device(profile(CLOUD_PATH, tmp / "cloud-after.json", args.profile_repeats, args.steps))
-        after_edge = load_device(profile(EDGE_PATH, tmp / "edge-after.json", args.profile_repeats, args.steps))
+        after_cloud = load_device(profile(cloud_dir, tmp / "cloud-after.json", args.profile_repeats, args.steps,
+                                        "cloud"))
+        after_edge = load_device(profile(edge_dir, tmp / "edge-after.json", args.profile_repeats, args.steps,
+                                        "edge"))
         for name in PLANS:
             spec = spec_for(edge, plans[name], 0, args.guidance)
             after[name] = predict(plans[name], after_cloud, after_edge, link, session=spec, spaces=spaces).latency_s
     load_after = os.getloadavg()
 
     # -- the tables ------------------------------------------------------------------------------------------
-    print(f"Command: `python bench/cost_check.py --repeats {args.repeats} --steps {args.steps} --guidance "
+    sched = type(edge.make_scheduler()).__name__
+    models_arg = f"--models {args.models} " + (f"--image-size {args.image_size} " if args.image_size else "")
+    print(f"Command: `python bench/cost_check.py {models_arg}--repeats {args.repeats} --steps {args.steps} --guidance "
           f"{args.guidance:g} --profile-repeats {args.profile_repeats}`; {platform.machine()}, {os.cpu_count()} "
-          f"cores, torch {torch.__version__}, one torch thread on each side; the embedded world models (latent 4x8x8), "
-          f"DDIM, default codecs (int8 + zstd 3 latents, fp16 state), daemon defaults (max-batch 1, no previews); "
+          f"cores, torch {torch.__version__}, one torch thread on each side; {described}, "
+          f"{sched}, default codecs (int8 + zstd 3 latents, fp16 state), daemon defaults (max-batch 1, no previews); "
           f"load average {load_before[0]:.2f} before, {load_after[0]:.2f} after; daemon exit code {code}.\n")
     print("Profiles (`latentwire profile --threads 1`, ms, median of "
           f"{args.profile_repeats}): " + "; ".join(
@@ -418,15 +461,18 @@ def main(argv=None):
     print("\n### Bytes (measured by EdgeClient's counters / predicted)\n")
     print(f"Down, the difference is read as beats x {beat} bytes (wire.Beat) less {pid_delta} bytes a Handoff (the "
           f"daemon's pid {proc.pid} against the model's TYPICAL_PID {TYPICAL_PID}).\n")
-    print("| plan | bytes up (measured / predicted) | bytes down (measured / predicted) | down: beats read, min-max |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| plan | bytes up (measured / predicted) | bytes down (measured / predicted) | down: measured / predicted, "
+          "median | down: beats read, min-max (if the latent compressed as the model's noise) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for name in PLANS:
         rs = rows[name]
         ups, downs = sorted({x["bytes_up"] for x in rs}), sorted({x["bytes_down"] for x in rs})
         beats = [(x["bytes_down"] - x["predicted_down"] + pid_delta * x["requests"]) / beat for x in rs]
         span = lambda v: str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}"  # noqa: E731
+        ratio = statistics.median(x["bytes_down"] / x["predicted_down"] for x in rs) if rs[0]["predicted_down"] else None
         print(f"| {name} | {span(ups)} / {span(sorted({x['predicted_up'] for x in rs}))} | {span(downs)} / "
-              f"{span(sorted({x['predicted_down'] for x in rs}))} | {min(beats):g}-{max(beats):g} |")
+              f"{span(sorted({x['predicted_down'] for x in rs}))} | {'-' if ratio is None else f'{ratio:.4f}'} | "
+              f"{min(beats):.3g}-{max(beats):.3g} |")
 
     print("\n### One step's time, from where it was measured (ms)\n")
     print("UNet + fused step. Profile: `latentwire profile`, warm back-to-back calls in a process of its own, before "

@@ -194,11 +194,27 @@ def hybrid_sd(num_steps, k=None):
     return Plan("hybrid-sd", num_steps, (Segment("cloud", 0, k), Segment("edge", k, num_steps)), {"k": k})
 
 
-def ec_diff(num_steps, p=3, k=1, a=1.0, s=None):
+# EC-Diff's published settings, at 50 steps (its public code): p real cloud steps, then one real call every k + 1
+# with slope scale a, handing off to the edge at step s. SD (model/sd.py, DDIM): 17 cloud calls, 20 forecast
+# steps, 13 edge steps. SDXL: its code hands off at 35 with s = 36. CogVideoX: trailing spacing, v-prediction.
+EC_DIFF_PRESETS = {"sd": dict(p=7, k=2, a=0.3, s=37), "sdxl": dict(p=6, k=5, a=0.2, s=36),
+                   "cogvideox": dict(p=10, k=3, a=0.2, s=38)}
+EC_DIFF_PRESET_STEPS = 50
+
+
+def ec_diff(num_steps, p=None, k=None, a=None, s=None, preset="sd"):
     """EC-Diff: the cloud runs steps 0..s-1, calling its model at the first p and then every k+1
-    (forecasting between), the edge the rest. Defaults: s = 60% of the steps, p = 3, k = 1, a = 1
-    (EC-Diff's rule is stable only for a*k < 1: bench/README.md)."""
-    s = round(0.6 * num_steps) if s is None else s
+    (forecasting between), the edge the rest. Defaults: ``preset``'s (EC_DIFF_PRESETS, EC-Diff's published
+    settings at 50 steps; "sd": p=7, k=2, a=0.3, s=37), p and s scaled to num_steps (p at least 2, s within
+    p..num_steps-1); k and a as published. EC-Diff's rule is stable only for a*k < 1 (bench/README.md)."""
+    if preset not in EC_DIFF_PRESETS:
+        raise PlanError(f"ec-diff preset {preset!r}: one of {', '.join(EC_DIFF_PRESETS)}")
+    d = EC_DIFF_PRESETS[preset]
+    scale = num_steps / EC_DIFF_PRESET_STEPS
+    p = max(2, round(d["p"] * scale)) if p is None else p
+    k = d["k"] if k is None else k
+    a = d["a"] if a is None else a
+    s = min(max(round(d["s"] * scale), p), num_steps - 1) if s is None else s
     _steps(num_steps, "ec-diff s (switch step)", s, max(p, 1), num_steps - 1)
     return Plan("ec-diff", num_steps, (Segment("cloud", 0, s, ("ecdiff", p, k, a)), Segment("edge", s, num_steps)),
                 {"p": p, "k": k, "a": a, "s": s})

@@ -61,8 +61,8 @@ class SessionSpec:
     def for_model(cls, model, prompt, *, plan="hybrid-sd", steps=25, scheduler=None, plan_params=None, **fields):
         """A session for ``model``'s folder: its scheduler, or the diffusers class ``scheduler`` swapped in the
         diffusers way (NAME.from_config(the folder's config)); the built-in ``plan`` over the steps that
-        scheduler takes for ``steps`` inference steps (plan_params: the plan's own, e.g. {"k": 10}); the other
-        fields as SessionSpec's. Raises UnsupportedScheduler (a ValueError) for a scheduler or configuration
+        scheduler takes for ``steps`` inference steps (plan_params: the plan's own, e.g. {"k": 10}), or a Plan
+        (a searched one, from a file), which must cover exactly those steps; the other fields as SessionSpec's. Raises UnsupportedScheduler (a ValueError) for a scheduler or configuration
         the fused step cannot run, naming the ones it can, before anything is sent anywhere."""
         from latentwire.kernels import FusedSampler, UnsupportedScheduler
 
@@ -78,7 +78,14 @@ class SessionSpec:
                                        "diffusers' from_config does")
         kwargs = model.timestep_kwargs(steps) if hasattr(model, "timestep_kwargs") else {}
         n = scheduler_steps(s, steps, **kwargs)
-        spec = cls(prompt=prompt, plan=make(plan, n, **(plan_params or {})), scheduler=name,
+        if isinstance(plan, Plan):
+            if plan.num_steps != n:
+                raise PlanError(f"the plan {plan} covers {plan.num_steps} steps, but {name} takes {n} for {steps} "
+                                f"inference steps: give --steps {plan.num_steps} (or the steps that make "
+                                f"{plan.num_steps}), or a plan made for {n}")
+        else:
+            plan = make(plan, n, **(plan_params or {}))
+        spec = cls(prompt=prompt, plan=plan, scheduler=name,
                    scheduler_config=dict(s.config), inference_steps=None if n == steps else steps,
                    timestep_kwargs=kwargs, **fields)
         FusedSampler(spec.make_scheduler())  # its configuration too (thresholding, say)

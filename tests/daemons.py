@@ -21,11 +21,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start(*args, ready="serving", same_threads=True):
+def start(*args, ready="serving", same_threads=True, prefix=()):
     """Run ``latentwire ARGS`` until it prints a line with ``ready`` -> the Popen (its log: proc.log_path).
     same_threads: a cloud gets this process's torch thread count, since convolutions sum in another order
-    with another count and tests compare split runs bit for bit with runs made here."""
-    cmd = [CLI, *args]
+    with another count and tests compare split runs bit for bit with runs made here. prefix: a command
+    that runs it (``ip netns exec NAME``, which execs it: the Popen's pid is the daemon's)."""
+    cmd = [*prefix, CLI, *args]
     if same_threads and args[0] == "cloud":
         cmd += ["--threads", str(torch.get_num_threads())]
     log = tempfile.NamedTemporaryFile(prefix="latentwire-daemon-", suffix=".log", delete=False)

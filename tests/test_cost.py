@@ -16,7 +16,7 @@ from latentwire.scheduler.cost import profiles
 from latentwire.scheduler.cost.model import NOISE_SEED, TYPICAL_PID, CostError, default_session, md1_wait, predict
 from latentwire.scheduler.cost.profiles import (MAX_BATCH, MAX_LATENT_DIM, MAX_MBIT_S, MAX_RESOLUTION, MAX_RTT_MS,
                                                 MAX_SECONDS, ProfileError, device_from_plain, link_from_plain,
-                                                list_profiles, load_device, load_link)
+                                                assume, list_profiles, load_device, load_link)
 from latentwire.scheduler.plan import make
 from latentwire.scheduler.serving.link import Link, parse_link
 
@@ -535,3 +535,75 @@ def test_profile_command_writes_a_loadable_profile(tmp_path):
     assert p.name == "tiny@here" and "torch threads 1" in p.sources["unet_step_s"] and p.unet_step_s_batch
     r = _cli("profile", "--model", str(tmp_path / "absent"), "--out", str(out))
     assert r.returncode != 0 and "not a folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_assume_fills_a_missing_figure_and_says_so(trio, tmp_path):
+    cloud, edge, lk = trio
+    d = device("notext@gpu", text=None, missing=["text_encode_s"])
+    d["sources"].pop("text_encode_s")
+    notext = load_device(write(tmp_path, d))
+    with pytest.raises(ProfileError, match="text_encode_s"):
+        predict(make("cloud-only", 5), notext, edge, lk)
+    filled = assume(notext, "text_encode_s", 0.25)
+    assert filled.text_encode_s == 0.25 and "text_encode_s" not in filled.missing
+    assert filled.sources["text_encode_s"].startswith("ASSUMED") and notext.text_encode_s is None  # a copy
+    base = predict(make("cloud-only", 5), assume(notext, "text_encode_s", 0.0), edge, lk)
+    more = predict(make("cloud-only", 5), filled, edge, lk)
+    assert more.latency_s - base.latency_s == pytest.approx(0.25) and more.parts["text_encode"] >= 0.25
+    for figure, seconds, says in (("latent_shape", 1.0, "cannot be assumed"), ("unet_step_s", -1.0, "seconds"),
+                                  ("unet_step_s", float("nan"), "seconds"), ("unet_step_s", "1", "seconds")):
+        with pytest.raises(ProfileError, match=says):
+            assume(cloud, figure, seconds)
+
+
+def test_cost_assume_on_the_command_line(tmp_path):
+    d = device("notext@gpu", text=None, missing=["text_encode_s"])
+    d["sources"].pop("text_encode_s")
+    c, e, lk = write(tmp_path, d), write(tmp_path, device("small@phone")), write(tmp_path, link())
+    args = ["cost", "--plan", "cloud-only", "--steps", "5", "--cloud-device", c, "--edge-device", e, "--link", lk]
+    r = _cli(*args, "--json")
+    assert r.returncode != 0 and "text_encode_s" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(*args, "--assume", "cloud.text_encode_s=0.5", "--assume", "edge.vae_decode_s=0", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["assumed"] == {"cloud.text_encode_s": 0.5, "edge.vae_decode_s": 0.0} and out["parts"]["decode"] == 0
+    assert out["parts"]["text_encode"] == pytest.approx(0.5)
+    r = _cli(*args, "--assume", "cloud.text_encode_s=0.5")
+    assert r.returncode == 0 and "ASSUMED: cloud.text_encode_s = 0.5 s" in r.stdout, r.stderr
+    for bad in ("cloud.latent_shape=1", "gpu.text_encode_s=1", "cloud.text_encode_s=fast", "cloud.text_encode_s=-1"):
+        r = _cli(*args, "--assume", bad)
+        assert r.returncode != 0 and ("--assume" in r.stderr or "seconds" in r.stderr), (bad, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_measure_warms_every_call_before_timing_any():
+    from latentwire.scheduler.cost import measure as m
+
+    log = []
+
+    class Model:
+        latent_shape, device, dtype = (4, 2, 2), "cpu", None
+
+        def make_scheduler(self, name=None):
+            from diffusers import DDIMScheduler
+            return DDIMScheduler()
+
+        def encode_prompt(self, prompt, negative):
+            log.append("text")
+            return torch.zeros(1, 3, 8), torch.zeros(1, 3, 8)
+
+        def predict(self, x, t, c, u, scheduler=None, guidance=None):
+            log.append(f"unet{x.shape[0]}")
+            return torch.zeros_like(x), torch.zeros_like(x)
+
+        def decode(self, x):
+            log.append("decode")
+
+    Model.dtype = torch.float32
+    d = m.measure(Model(), name="fake@here", model_name="fake", steps=4, repeats=3, warmup=1, batch_sizes=(1, 2))
+    assert set(d["unet_step_s_batch"]) == {"1", "2"} and d["vae_decode_s"] > 0
+    first_decode = log.index("decode")
+    # after the setup calls (one text encoding and one UNet call), every call is warmed before any is timed:
+    # the first decode comes before the last warm-up UNet call's timed repeats
+    timed = log[first_decode + 1:]
+    assert timed[:6] == ["text"] * 3 + ["unet1"] * 3 and timed.count("decode") == 3

@@ -170,3 +170,23 @@ def test_bad_inputs(cloud, tmp_path):
         cloud.predict(torch.zeros(1, 3, 8, 8), 1, *cloud.encode_prompt(PROMPT))
     with pytest.raises(ValueError, match="text embeddings must be"):
         cloud.predict(torch.zeros(2, 4, 8, 8), 1, torch.zeros(3, MAX_LENGTH, 32), torch.zeros(1, MAX_LENGTH, 32))
+
+
+def test_a_tiny_folder_at_a_real_latent_size_has_the_same_weights(tmp_path):
+    # bench/cost_check.py --models tiny-sd: SD v1.5's 4x64x64 latent at the tiny widths; the size is config
+    # only, so the weights are those of the default folder
+    from latentwire.pipelines.models.tiny_sdxl import save_tiny_sdxl
+
+    small = StableDiffusionModel.from_pretrained(save_tiny_pipeline(str(tmp_path / "s"), edge=True))
+    big = StableDiffusionModel.from_pretrained(save_tiny_pipeline(str(tmp_path / "b"), edge=True, image_size=128))
+    assert small.latent_shape == (4, 8, 8) and big.latent_shape == (4, 16, 16)
+    for a, b in zip(small.unet.state_dict().values(), big.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert big.initial_noise(0).shape == (1, 4, 16, 16)
+    from latentwire.pipelines.models import load_model
+
+    xl = load_model(save_tiny_sdxl(str(tmp_path / "xl"), image_size=128))
+    assert xl.latent_shape == (4, 16, 16)
+    for bad in (100, 8, "64", 64.0):
+        with pytest.raises(ValueError, match="image_size"):
+            save_tiny_pipeline(str(tmp_path / "bad"), image_size=bad)

@@ -213,5 +213,19 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
                                 "--plan", "hybrid-sd", "--k", "2", "--steps", "4", "--out", str(out)],
                                capture_output=True, text=True, timeout=180)
         assert shown.returncode == 0 and "step   4/4 edge" in shown.stderr and "hybrid-sd" in shown.stderr
+        # a plan from a file (what `latentwire search --out` writes) runs across the two processes as the flags'
+        plan_file = tmp_path / "plan.json"
+        plan_file.write_text(json.dumps(make("ec-diff", 6, p=2, k=1, s=4).to_plain()))
+        filed = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file",
+                                str(plan_file), "--steps", "6", "--seed", "3", "--out", str(out), "--json"],
+                               capture_output=True, text=True, timeout=180)
+        assert filed.returncode == 0, filed.stderr[-2000:]
+        assert {k: json.loads(filed.stdout)[k] for k in ("plan", "cloud_model_calls", "forecast_steps",
+                                                         "edge_model_calls")} == \
+            {k: summary[k] for k in ("plan", "cloud_model_calls", "forecast_steps", "edge_model_calls")}
+        wrong = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file",
+                                str(plan_file), "--steps", "5", "--out", str(out)], capture_output=True, text=True,
+                               timeout=180)
+        assert wrong.returncode != 0 and "covers 6 steps" in wrong.stderr and "Traceback" not in wrong.stderr
     finally:
         assert daemons.stop(proc) == 0

@@ -91,20 +91,20 @@ def _text_encoder(vocab):
         bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab[EOS]))
 
 
-def _vae():
+def _vae(image_size=IMAGE_SIZE):
     from diffusers import AutoencoderKL
 
     n = len(VAE_CHANNELS)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=VAE_CHANNELS,
                          down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         layers_per_block=1, norm_num_groups=NORM_GROUPS, sample_size=IMAGE_SIZE)
+                         layers_per_block=1, norm_num_groups=NORM_GROUPS, sample_size=image_size)
 
 
-def _unet(channels):
+def _unet(channels, latent_size=LATENT_SIZE):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1,
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_HIDDEN, attention_head_dim=2, norm_num_groups=NORM_GROUPS)
 
@@ -130,18 +130,21 @@ def _seeded(seed, build, *args):
         return build(*args)
 
 
-def save_tiny_pipeline(path, *, seed=0, edge=False, scheduler="DDIMScheduler"):
+def save_tiny_pipeline(path, *, seed=0, edge=False, scheduler="DDIMScheduler", image_size=IMAGE_SIZE):
     """Writes a StableDiffusionPipeline folder at ``path`` (created if missing) and returns ``path``.
 
     Weights are random, a function of ``seed`` alone. edge=True narrows the UNet (UNET_CHANNELS["edge"]);
     text encoder, tokenizer, VAE and scheduler are the same as edge=False's for the same seed. scheduler:
-    the folder's, "DDIMScheduler" or "PNDMScheduler" (what SD v1.5 folders ship).
+    the folder's, "DDIMScheduler" or "PNDMScheduler" (what SD v1.5 folders ship). image_size: the folder's
+    default image side in pixels (512: SD v1.5's latent, 4x64x64, at the same tiny widths; the weights do
+    not depend on it, only the default size the pipeline and the runners generate at).
     """
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    _check_size(image_size)
     # vocab.json + merges.txt stay beside the tokenizer.json that save_pretrained adds (transformers 5 writes
     # only tokenizer.json), as in SD's own tokenizer folder
     tokenizer_dir = os.path.join(path, "tokenizer")
@@ -149,14 +152,22 @@ def save_tiny_pipeline(path, *, seed=0, edge=False, scheduler="DDIMScheduler"):
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=MAX_LENGTH)
     # each component seeded on its own, so edge=True changes the UNet and nothing else
     pipe = StableDiffusionPipeline(
-        vae=_seeded(seed, _vae), text_encoder=_seeded(seed, _text_encoder, vocab), tokenizer=tokenizer,
-        unet=_seeded(seed, _unet, UNET_CHANNELS["edge" if edge else "cloud"]), scheduler=_scheduler(scheduler),
+        vae=_seeded(seed, _vae, image_size), text_encoder=_seeded(seed, _text_encoder, vocab), tokenizer=tokenizer,
+        unet=_seeded(seed, _unet, UNET_CHANNELS["edge" if edge else "cloud"], image_size // 8),
+        scheduler=_scheduler(scheduler),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
 
 
-def save_tiny_pair(root, seed=0, scheduler="DDIMScheduler"):
+def save_tiny_pair(root, seed=0, scheduler="DDIMScheduler", image_size=IMAGE_SIZE):
     """(cloud_path, edge_path) = (root/cloud, root/edge): two tiny pipelines sharing all but the UNet."""
-    return (save_tiny_pipeline(os.path.join(root, "cloud"), seed=seed, scheduler=scheduler),
-            save_tiny_pipeline(os.path.join(root, "edge"), seed=seed, edge=True, scheduler=scheduler))
+    return (save_tiny_pipeline(os.path.join(root, "cloud"), seed=seed, scheduler=scheduler, image_size=image_size),
+            save_tiny_pipeline(os.path.join(root, "edge"), seed=seed, edge=True, scheduler=scheduler,
+                               image_size=image_size))
+
+
+def _check_size(image_size):
+    # the VAE halves the side 3 times and the UNet once more: the latent side must be even
+    if type(image_size) is not int or image_size < 16 or image_size % 16:
+        raise ValueError(f"image_size must be an int multiple of 16 (>= 16), got {image_size!r}")

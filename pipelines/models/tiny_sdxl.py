@@ -25,7 +25,8 @@ the same files, as SDXL's two are the same BPE vocabulary.
 """
 import os
 
-from .tiny import IMAGE_SIZE, LATENT_SIZE, MAX_LENGTH, NORM_GROUPS, VAE_CHANNELS, BOS, EOS, _seeded, write_vocabulary
+from .tiny import (IMAGE_SIZE, LATENT_SIZE, MAX_LENGTH, NORM_GROUPS, VAE_CHANNELS, BOS, EOS, _check_size, _seeded,
+                   write_vocabulary)
 
 TEXT_HIDDEN = 32         # text_encoder's width (SDXL: CLIP ViT-L, 768)
 TEXT_HIDDEN_2 = 48       # text_encoder_2's width (SDXL: OpenCLIP ViT-bigG, 1280)
@@ -54,21 +55,21 @@ def _text_encoder(vocab, hidden, projection=None):
     return CLIPTextModel(config) if projection is None else CLIPTextModelWithProjection(config)
 
 
-def _vae():
+def _vae(image_size=IMAGE_SIZE):
     from diffusers import AutoencoderKL
 
     n = len(VAE_CHANNELS)
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=VAE_CHANNELS,
                          down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                         layers_per_block=1, norm_num_groups=NORM_GROUPS, sample_size=IMAGE_SIZE,
+                         layers_per_block=1, norm_num_groups=NORM_GROUPS, sample_size=image_size,
                          scaling_factor=SCALING_FACTOR, force_upcast=True)
 
 
-def _unet(block_out_channels, transformer_layers_per_block):
+def _unet(block_out_channels, transformer_layers_per_block, latent_size=LATENT_SIZE):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=block_out_channels,
+        sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=block_out_channels,
         layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=transformer_layers_per_block,
         cross_attention_dim=TEXT_HIDDEN + TEXT_HIDDEN_2, attention_head_dim=(2, 4), use_linear_projection=True,
@@ -82,17 +83,19 @@ def _scheduler():
     return EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
 
 
-def save_tiny_sdxl(path, seed=0, edge=False):
+def save_tiny_sdxl(path, seed=0, edge=False, image_size=IMAGE_SIZE):
     """Writes a StableDiffusionXLPipeline folder at ``path`` (created if missing) and returns ``path``.
 
     Weights are random, a function of ``seed`` alone. edge=True narrows the UNet (UNET["edge"]); the text
-    encoders, tokenizers, VAE and scheduler are the same as edge=False's for the same seed.
+    encoders, tokenizers, VAE and scheduler are the same as edge=False's for the same seed. image_size: the
+    default image side (1024: SDXL's latent, 4x128x128; the weights do not depend on it).
     """
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    _check_size(image_size)
     tokenizers = []
     for name in ("tokenizer", "tokenizer_2"):  # vocab.json + merges.txt beside save_pretrained's tokenizer.json
         folder = os.path.join(path, name)
@@ -100,16 +103,17 @@ def save_tiny_sdxl(path, seed=0, edge=False):
         tokenizers.append(CLIPTokenizer.from_pretrained(folder, model_max_length=MAX_LENGTH))
     # each component seeded on its own (the second encoder with seed + 1), so edge=True changes the UNet only
     pipe = StableDiffusionXLPipeline(
-        vae=_seeded(seed, _vae), text_encoder=_seeded(seed, _text_encoder, vocab, TEXT_HIDDEN),
+        vae=_seeded(seed, _vae, image_size), text_encoder=_seeded(seed, _text_encoder, vocab, TEXT_HIDDEN),
         text_encoder_2=_seeded(seed + 1, _text_encoder, vocab, TEXT_HIDDEN_2, POOLED),
         tokenizer=tokenizers[0], tokenizer_2=tokenizers[1],
-        unet=_seeded(seed, lambda: _unet(**UNET["edge" if edge else "cloud"])), scheduler=_scheduler(),
+        unet=_seeded(seed, lambda: _unet(**UNET["edge" if edge else "cloud"], latent_size=image_size // 8)),
+        scheduler=_scheduler(),
         force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.save_pretrained(path)
     return path
 
 
-def save_tiny_sdxl_pair(root, seed=0):
+def save_tiny_sdxl_pair(root, seed=0, image_size=IMAGE_SIZE):
     """(cloud_path, edge_path) = (root/cloud, root/edge): two tiny SDXL folders sharing all but the UNet."""
-    return (save_tiny_sdxl(os.path.join(root, "cloud"), seed=seed),
-            save_tiny_sdxl(os.path.join(root, "edge"), seed=seed, edge=True))
+    return (save_tiny_sdxl(os.path.join(root, "cloud"), seed=seed, image_size=image_size),
+            save_tiny_sdxl(os.path.join(root, "edge"), seed=seed, edge=True, image_size=image_size))

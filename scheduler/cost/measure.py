@@ -1,7 +1,7 @@
 """A device profile of a loaded model, measured on this machine (what `latentwire profile` writes).
 
-Each figure is the median of REPEATS timed calls after WARMUP untimed ones, on the model's device
-(CUDA work is synchronised before the clock is read):
+Each figure is the median of REPEATS timed calls, on the model's device (CUDA work is synchronised before
+the clock is read), after WARMUP untimed calls of every one of them (all warm before any is timed):
 
     text_encode_s      model.encode_prompt(prompt, negative)                       (cond, uncond)
     unet_step_s        model.predict(x_t, t, cond, uncond): one guided step, batch 1 (the UNet on 2 rows)
@@ -28,16 +28,19 @@ GUIDANCE = 7.5
 
 
 def measure(model, *, name, model_name, resolution=None, steps=25, repeats=REPEATS, warmup=WARMUP,
-            batch_sizes=BATCH_SIZES, scheduler=None):
+            batch_sizes=BATCH_SIZES, scheduler=None, side="any"):
     """A profile (the format's plain dict, ready for json.dump) of ``model`` on this machine.
 
     resolution: the image side in pixels (default: the model's own, latent_shape * VAE scale factor);
     steps: the schedule the timestep comes from; scheduler: a diffusers class name to use instead of the
-    model's own (the fused step must support it)."""
+    model's own (the fused step must support it); side: "cloud" (timed as a cloud daemon runs, which never
+    decodes), "edge" or "any" (as a process that also decodes), the profile's ``kind``."""
     from latentwire.kernels import FusedSampler
 
     if type(repeats) is not int or repeats < 1 or type(warmup) is not int or warmup < 0:
         raise ValueError(f"repeats {repeats!r} must be an int >= 1 and warmup {warmup!r} an int >= 0")
+    if side not in ("cloud", "edge", "any"):
+        raise ValueError(f"side {side!r}: 'cloud', 'edge' or 'any'")
     if type(steps) is not int or steps < 1:
         raise ValueError(f"steps {steps!r}: an int >= 1")
     factor = model.latent_space.scale_factor if hasattr(model, "latent_space") else 8
@@ -56,25 +59,36 @@ def measure(model, *, name, model_name, resolution=None, steps=25, repeats=REPEA
     t = sampler.timesteps[i]
     g = torch.Generator().manual_seed(0)
     x = {b: torch.randn((b, *shape), generator=g).to(device=device, dtype=dtype) for b in batch_sizes}
-    clock = _Clock(device, repeats, warmup)
-
-    text = clock(lambda: model.encode_prompt(PROMPT, ""))
     cond, uncond = model.encode_prompt(PROMPT, "")
-    batch = {}
-    for b in batch_sizes:
-        c, u = _rows(cond, b), _rows(uncond, b)
-        batch[b] = clock(lambda: model.predict(x[b], t, c, u, scheduler=sched, guidance=GUIDANCE))
     pc, pu = model.predict(x[1], t, cond, uncond, scheduler=sched, guidance=GUIDANCE)
-    fused = clock(lambda: sampler.step(x[1], i, cond=pc, uncond=pu, guidance_scale=GUIDANCE))
-    decode = clock(lambda: model.decode(x[1]))
+    calls = {"text": lambda: model.encode_prompt(PROMPT, "")}
+    for b in batch_sizes:
+        calls[b] = (lambda c, u, b: lambda: model.predict(x[b], t, c, u, scheduler=sched, guidance=GUIDANCE))(
+            _rows(cond, b), _rows(uncond, b), b)
+    calls["fused"] = lambda: sampler.step(x[1], i, cond=pc, uncond=pu, guidance_scale=GUIDANCE)
+    calls["decode"] = lambda: model.decode(x[1])
+    clock = _Clock(device, repeats, warmup)
+    # Timed in the state the serving process is in. On a CPU, what a process ran before changes the UNet's
+    # speed: after the VAE decoder's first run (its large buffers) the same UNet call ran 5-15% faster here
+    # (a 4x64x64 tiny UNet: 45 ms before, 39 ms after). An edge decodes every generation, so its steps run
+    # in the after-decode state: every call warms before any is timed. A cloud daemon never decodes: its
+    # calls warm and are timed before the decoder runs at all, and the decoder (for completeness) last.
+    first = [k for k in calls if k != "decode"] if side == "cloud" else list(calls)
+    clock.warm(calls[k] for k in first)
+    times = {key: clock(calls[key]) for key in first}
+    if side == "cloud":
+        clock.warm([calls["decode"]])
+        times["decode"] = clock(calls["decode"])
+    text, fused, decode = times["text"], times["fused"], times["decode"]
+    batch = {b: times[b] for b in batch_sizes}
 
     where = (f"{torch.cuda.get_device_name(device)} (CUDA)" if device.type == "cuda"
              else (platform.processor() or platform.machine()))
     measured = (f"measured here by latentwire profile, {datetime.date.today().isoformat()}, {_cpu()}, torch threads "
                 f"{torch.get_num_threads()}" + (f", on {where}" if device.type == "cuda" else ""))
-    how = f"median of {repeats} calls after {warmup} warm-up calls"
+    how = f"median of {repeats} calls (after {warmup} warm-up calls of each figure's call)"
     return {
-        "name": name, "model": model_name, "hardware": "here", "kind": "any", "resolution": resolution,
+        "name": name, "model": model_name, "hardware": "here", "kind": side, "resolution": resolution,
         "dtype": str(dtype).replace("torch.", ""), "latent_shape": list(shape),
         "unet_step_s": batch[1] if 1 in batch else None,
         "unet_step_s_batch": {str(b): s for b, s in batch.items()},
@@ -102,10 +116,15 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def warm(self, fns):
+        """``warmup`` untimed calls of each of fns, in turn."""
+        with torch.no_grad():
+            for fn in fns:
+                for _ in range(self.warmup):
+                    fn()
+
     def __call__(self, fn):
         with torch.no_grad():
-            for _ in range(self.warmup):
-                fn()
             times = []
             for _ in range(self.repeats):
                 self._sync()

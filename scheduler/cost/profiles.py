@@ -16,7 +16,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 KINDS = ("cloud", "edge", "any")
@@ -102,6 +102,46 @@ class LinkProfile:
                                "is null (no public figure), but this prediction needs it",
                                "measure the link (bench/) and give a link file's path")
         return value
+
+
+ASSUMABLE = ("unet_step_s", "text_encode_s", "vae_decode_s", "fused_step_s")
+
+
+def assume(profile, figure, seconds):
+    """``profile`` with ``figure`` set to ``seconds`` on the caller's word: a what-if for a figure no source
+    gives (or one to vary), marked ASSUMED in its sources and dropped from ``missing``. -> DeviceProfile."""
+    if not isinstance(profile, DeviceProfile):
+        raise ProfileError(repr(profile), None, f"assume: expected a DeviceProfile, got {type(profile).__name__}")
+    if figure not in ASSUMABLE:
+        raise ProfileError(f"{profile.name!r}", figure, "cannot be assumed", f"assume one of {', '.join(ASSUMABLE)}")
+    if type(seconds) not in (int, float) or not 0 <= seconds <= MAX_SECONDS:
+        raise ProfileError(f"{profile.name!r}", figure, f"assumed value {seconds!r} is not a number of seconds in "
+                           f"[0, {MAX_SECONDS:g}]")
+    was = getattr(profile, figure)
+    sources = {**profile.sources, figure: f"ASSUMED by the caller: {seconds:g} s (the profile has "
+                                          f"{'no figure' if was is None else f'{was:g} s'})"}
+    return replace(profile, **{figure: float(seconds)}, sources=sources,
+                   missing=tuple(m for m in profile.missing if m != figure))
+
+
+def apply_assumptions(items, cloud, edge):
+    """``--assume SIDE.FIGURE=SECONDS`` items, each applied with ``assume`` -> (cloud, edge, {SIDE.FIGURE: s}).
+    A malformed item is a ProfileError that says the form."""
+    profiles, assumed = {"cloud": cloud, "edge": edge}, {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        side, _, figure = key.partition(".")
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = None
+        if side not in profiles or figure not in ASSUMABLE or seconds is None:
+            raise ProfileError(f"--assume {item!r}", None, "not SIDE.FIGURE=SECONDS",
+                               f"SIDE cloud or edge, FIGURE one of {', '.join(ASSUMABLE)} "
+                               "(e.g. cloud.text_encode_s=0.005)")
+        profiles[side] = assume(profiles[side], figure, seconds)
+        assumed[key] = seconds
+    return profiles["cloud"], profiles["edge"], assumed
 
 
 # -- loading --------------------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""EC-Diff as published (the plan's presets) and its handoff search (pipelines/ecdiff/search.py), down to the
+command line: `latentwire search` writes a plan file that eval, cost and edge run."""
+import itertools
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from latentwire.pipelines.ecdiff import SearchError, search, share
+from latentwire.pipelines.ecdiff.search import A_GRID, K_GRID, P_OFFSETS
+from latentwire.scheduler import Plan, make
+from latentwire.scheduler.plan import EC_DIFF_PRESETS, PlanError, ec_diff
+
+CLI = str(os.path.join(os.path.dirname(sys.executable), "latentwire"))
+
+
+def counts(plan):
+    labels = [label for _, label in plan.labels()]
+    return labels.count("cloud"), labels.count("forecast"), labels.count("edge")
+
+
+def test_ec_diff_defaults_are_the_published_sd_setting():
+    plan = make("ec-diff", 50)
+    assert plan.params == {"p": 7, "k": 2, "a": 0.3, "s": 37} and counts(plan) == (17, 20, 13)
+    assert make("ec-diff", 50, preset="sdxl").params == {"p": 6, "k": 5, "a": 0.2, "s": 36}
+    assert make("ec-diff", 50, preset="cogvideox").params == {"p": 10, "k": 3, "a": 0.2, "s": 38}
+    assert make("ec-diff", 20).params == {"p": 3, "k": 2, "a": 0.3, "s": 15}  # p and s scaled, k and a as published
+    assert make("ec-diff", 4).params == {"p": 2, "k": 2, "a": 0.3, "s": 3}    # p >= 2, an edge step left
+    assert make("ec-diff", 50, s=30, preset="sdxl").params["s"] == 30          # a given parameter wins
+    with pytest.raises(PlanError, match="preset 'flux'.*sd, sdxl, cogvideox"):
+        make("ec-diff", 50, preset="flux")
+    assert set(EC_DIFF_PRESETS) == {"sd", "sdxl", "cogvideox"}
+
+
+# -- the search, on a cost and a judge whose optimum is known ----------------------------------------------
+
+STEP = {"cloud": 0.05, "edge": 0.2, "forecast": 0.001}
+
+
+def fake_cost(plan):
+    labels = [label for _, label in plan.labels()]
+    latency = sum(STEP[label] for label in labels)
+    return SimpleNamespace(latency_s=latency, cloud_gpu_s=labels.count("cloud") * STEP["cloud"])
+
+
+def fake_judge(log):
+    def judge(plan):
+        log.append(plan)
+        cloud, forecast, edge = counts(plan)
+        # quality falls with forecast steps (more the larger a * k) and with edge steps
+        fc = plan.segments[0].forecast
+        loss = 0.001 * forecast * (1 + (fc[2] * fc[3] if fc else 0)) + 0.003 * edge
+        return {"attribute_accuracy": 1.0 - loss, "frechet_distance": 100.0 * (1 + loss)}
+    return judge
+
+
+def test_share_is_the_lesser_of_accuracy_and_frechet_shares():
+    ref = {"attribute_accuracy": 0.8, "frechet_distance": 100.0}
+    assert share({"attribute_accuracy": 0.8, "frechet_distance": 100.0}, ref) == 1.0
+    assert share({"attribute_accuracy": 0.4, "frechet_distance": 100.0}, ref) == 0.5
+    assert share({"attribute_accuracy": 0.8, "frechet_distance": 400.0}, ref) == 0.25
+
+
+@pytest.mark.parametrize("bound", [0.9, 0.95, 0.97])
+def test_each_stage_returns_its_least_latency_feasible_plan(bound):
+    log = []
+    result = search(20, fake_cost, fake_judge(log), min_quality=bound, budget=200)
+    judge = fake_judge([])
+    ref = judge(make("cloud-only", 20))
+    feasible = lambda p: share(judge(p), ref) >= bound  # noqa: E731
+    # stage 1 by brute force over the search's grid of switch steps (p + 1 .. N - 1 in strides of about a
+    # tenth), at the preset's (p, k, a) = (3, 2, 0.3) for 20 steps
+    stage1 = [ec_diff(20, s=s) for s in sorted({*range(4, 20, 2), 19})]
+    best1 = min((p for p in stage1 if feasible(p)), key=lambda p: fake_cost(p).latency_s)
+    stage2 = [best1] + [ec_diff(20, p=max(2, 3 + dp), k=k, a=a, s=best1.params["s"])
+                        for k, a, dp in itertools.product(K_GRID, A_GRID, P_OFFSETS) if a * k < 1]
+    best2 = min((p for p in stage2 if feasible(p)), key=lambda p: (fake_cost(p).latency_s, fake_cost(p).cloud_gpu_s))
+    assert result.plan == best2 and result.trial.share >= bound
+    assert fake_cost(result.plan).latency_s <= fake_cost(best1).latency_s
+    # measured in order of predicted latency within each stage, each plan once, the reference first
+    for stage in (1, 2):
+        lat = [t.latency_s for t in result.trials if t.stage == stage]
+        assert lat == sorted(lat)
+    assert log[0] == make("cloud-only", 20) and len(log) == len({p.segments for p in log}) == result.evaluations
+    # far fewer measurements than candidates: the first feasible in latency order ends a stage
+    assert result.evaluations < len(stage2) // 2
+
+
+def test_the_budget_caps_measurements_and_an_unreachable_bound_finds_nothing():
+    log = []
+    result = search(20, fake_cost, fake_judge(log), min_quality=0.999, budget=5)
+    assert result.plan is None and result.trial is None and result.evaluations == len(log) <= 5
+    assert result.to_plain()["plan"] is None
+    for bad, says in (({"min_quality": 0}, "min_quality"), ({"budget": 1}, "budget"), ({"preset": "x"}, "preset")):
+        with pytest.raises((SearchError, PlanError), match=says):
+            search(20, fake_cost, fake_judge([]), **bad)
+    with pytest.raises(SearchError, match="num_steps"):
+        search(3, fake_cost, fake_judge([]))
+
+
+# -- the command line ----------------------------------------------------------------------------------
+
+def profile(folder, name, unet):
+    d = {"name": name, "model": name.split("@")[0], "hardware": name.split("@")[1], "kind": "any",
+         "resolution": 32, "dtype": "float32", "latent_shape": [4, 4, 4], "unet_step_s": unet, "text_encode_s": 0.001,
+         "vae_decode_s": 0.002, "fused_step_s": 0.0001,
+         "sources": {k: "test fixture" for k in ("unet_step_s", "text_encode_s", "vae_decode_s", "fused_step_s")}}
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def run(*args):
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_search_writes_a_plan_that_eval_and_cost_run(tmp_path):
+    # the plumbing, end to end, at a size a test affords: 8 world steps with forecasting are far below
+    # cloud-only (a share of about 0.03), so the bound is low; the search's own logic is tested above
+    cloud, edge = profile(tmp_path, "big@gpu", 0.01), profile(tmp_path, "small@phone", 0.05)
+    link = tmp_path / "link.json"
+    link.write_text(json.dumps({"name": "l", "up_mbit_s": 10.0, "down_mbit_s": 50.0, "rtt_ms": 40.0,
+                                "sources": {k: "test fixture" for k in ("up_mbit_s", "down_mbit_s", "rtt_ms")}}))
+    out = tmp_path / "plan.json"
+    r = run("search", "--cloud-device", cloud, "--edge-device", edge, "--link", str(link), "--steps", "8", "--n", "3",
+            "--budget", "4", "--min-quality", "0.02", "--threads", "1", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["evaluations"] <= 4 and res["share"] >= 0.02 and res["plan"]["name"] == "ec-diff"
+    held = res["held_out"]
+    assert held["seed"] == res["seed"] + 1 and set(held) >= {"quality", "reference", "share", "meets_bound"}
+    plan = Plan.from_plain(json.loads(out.read_text()))
+    assert plan.to_plain() == res["plan"]
+    e = run("eval", "--plan-file", str(out), "--n", "3", "--threads", "1", "--json")
+    assert e.returncode == 0, e.stderr[-2000:]
+    # the same plan on the same prompts and seeds as the search's measurement of it
+    measured = [t for t in res["trials"] if t["plan"] == res["plan_text"]][0]["quality"]
+    assert json.loads(e.stdout)["attribute_accuracy"] == measured["attribute_accuracy"]
+    c = run("cost", "--plan-file", str(out), "--cloud-device", cloud, "--edge-device", edge, "--link", str(link),
+            "--json")
+    assert c.returncode == 0 and json.loads(c.stdout)["latency_s"] == pytest.approx(res["latency_s"]), c.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**res["plan"], "segments": [["cloud", 0, 3, [], False]]}))
+    e = run("cost", "--plan-file", str(bad), "--cloud-device", cloud, "--edge-device", edge, "--link", str(link))
+    assert e.returncode != 0 and "--plan-file" in e.stderr and "ends at step 3" in e.stderr
+    assert "Traceback" not in e.stderr
