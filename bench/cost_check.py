@@ -104,33 +104,39 @@ def profile(folder, out, repeats, steps, side):
     return Path(out)
 
 
-def measure_loopback(out):
-    """The loopback link as ZeroMQ sees it -> (link profile path, details dict)."""
-    echo = subprocess.Popen([sys.executable, "-c", ECHO, "tcp://127.0.0.1"], stdout=subprocess.PIPE, text=True)
+def echo_round_trips(host, sizes, prefix=()):
+    """Round trips (seconds) of messages echoed by a ROUTER in another process (started with ``prefix``:
+    ``ip netns exec NAME`` puts it in a namespace) bound on ``host`` -> {size: [seconds]}. sizes: (bytes,
+    rounds, warm-up rounds) each; the warm-up rounds are not returned."""
+    echo = subprocess.Popen([*prefix, sys.executable, "-c", ECHO, f"tcp://{host}"], stdout=subprocess.PIPE, text=True)
     try:
         port = int(echo.stdout.readline())
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
-        sock.connect(f"tcp://127.0.0.1:{port}")
-
-        def round_trip(payload):
-            start = time.perf_counter()
-            sock.send(payload, copy=False)
-            sock.recv(copy=False)
-            return time.perf_counter() - start
-
-        small = b"x" * SMALL_BYTES
-        rtts = [round_trip(small) for _ in range(RTT_WARMUP + RTT_ROUNDS)][RTT_WARMUP:]
-        rtt = statistics.median(rtts)
-        big = bytes(BIG_BYTES)
-        bigs = [round_trip(big) for _ in range(BIG_WARMUP + BIG_ROUNDS)][BIG_WARMUP:]
-        big_s = statistics.median(bigs)
+        sock.connect(f"tcp://{host}:{port}")
+        out = {}
+        for size, rounds, warmup in sizes:
+            payload, times = bytes(size), []
+            for _ in range(warmup + rounds):
+                start = time.perf_counter()
+                sock.send(payload, copy=False)
+                sock.recv(copy=False)
+                times.append(time.perf_counter() - start)
+            out[size] = times[warmup:]
         sock.close()
         ctx.term()
+        return out
     finally:
         echo.kill()  # the echo process this function started
         echo.wait()
+
+
+def measure_loopback(out):
+    """The loopback link as ZeroMQ sees it -> (link profile path, details dict)."""
+    trips = echo_round_trips("127.0.0.1", [(SMALL_BYTES, RTT_ROUNDS, RTT_WARMUP), (BIG_BYTES, BIG_ROUNDS, BIG_WARMUP)])
+    rtts = trips[SMALL_BYTES]
+    rtt, big_s = statistics.median(rtts), statistics.median(trips[BIG_BYTES])
     mbit_s = 2 * 8 * BIG_BYTES / max(big_s - rtt, 1e-9) / 1e6  # up and back, the small RTT taken out
     how = (f"measured here by bench/cost_check.py: pyzmq {zmq.__version__} DEALER -> ROUTER echo (another "
            f"process) over tcp://127.0.0.1")

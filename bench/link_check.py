@@ -119,30 +119,8 @@ def enter(ns):
 
 
 def echo_round_trips(sizes_rounds):
-    """Round trips (seconds) of messages echoed by a ROUTER in the cloud namespace -> {size: [s]}."""
-    echo = subprocess.Popen([*in_ns(CLOUD_NS), sys.executable, "-c", cc.ECHO, f"tcp://{CLOUD_IP}"],
-                            stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(echo.stdout.readline())
-        ctx = zmq.Context()
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.connect(f"tcp://{CLOUD_IP}:{port}")
-        out = {}
-        for size, rounds in sizes_rounds:
-            payload, times = bytes(size), []
-            for _ in range(rounds + 1):  # the first is a warm-up
-                start = time.perf_counter()
-                sock.send(payload, copy=False)
-                sock.recv(copy=False)
-                times.append(time.perf_counter() - start)
-            out[size] = times[1:]
-        sock.close()
-        ctx.term()
-        return out
-    finally:
-        echo.kill()
-        echo.wait()
+    """Round trips (seconds) of messages echoed in the cloud namespace -> {size: [s]}; one warm-up each."""
+    return cc.echo_round_trips(CLOUD_IP, [(size, rounds, 1) for size, rounds in sizes_rounds], prefix=in_ns(CLOUD_NS))
 
 
 # -- main -----------------------------------------------------------------------------------------------------
