@@ -320,7 +320,7 @@ def _search(args):
     try:
         cost(make("cloud-only", args.steps))  # the profiles cover the plan's sides before any measurement
         result = search(args.steps, cost, judge, min_quality=args.min_quality, budget=args.budget,
-                        preset=args.preset or "sd")
+                        preset=args.preset or "sd", forecasters=tuple(args.forecasters.split(",")))
     except (SearchError, CostError, ProfileError, ValueError) as e:
         raise SystemExit(f"latentwire search: {e}") from None
     out = {"system": args.system, "cloud_device": cloud.name, "edge_device": edge.name, "link": link.name,
@@ -732,6 +732,9 @@ def build_parser():
     c.add_argument("--budget", type=int, default=12, help="quality measurements at most (cloud-only's included)")
     c.add_argument("--steps", type=int, default=20)
     c.add_argument("--preset", help="the EC-Diff setting stage 1 starts from: sd (default), sdxl, cogvideox")
+    c.add_argument("--forecasters", default="ecdiff",
+                   help="what stage 2 searches over: ecdiff (EC-Diff's rule), and/or taylor (latentwire's Taylor "
+                        "forecasters, orders 1-3 in t or sigma), comma-separated")
     c.add_argument("--n", type=int, default=32, help="search prompts per measurement")
     c.add_argument("--seed", type=int, help="search prompts' seed (default: pipelines/evaluate.py's EVAL_SEED)")
     c.add_argument("--held-out-seed", type=int, help="the held-out prompts' seed (default: --seed + 1)")

@@ -148,3 +148,29 @@ def test_search_writes_a_plan_that_eval_and_cost_run(tmp_path):
     e = run("cost", "--plan-file", str(bad), "--cloud-device", cloud, "--edge-device", edge, "--link", str(link))
     assert e.returncode != 0 and "--plan-file" in e.stderr and "ends at step 3" in e.stderr
     assert "Traceback" not in e.stderr
+
+
+def test_beyond_ec_diff_stage_two_also_tries_taylor_forecasters():
+    base = fake_judge([])
+
+    def judge(plan):  # Taylor forecasts as well as real calls would; EC-Diff's rule only at its own k = 2
+        fc = plan.segments[0].forecast
+        if fc and fc[0] == "taylor":
+            return base(make("cloud-only", 20))
+        bad = fc and fc[2] != 2
+        return {"attribute_accuracy": 0.5, "frechet_distance": 1e4} if bad else base(plan)
+
+    ecdiff_only = search(20, fake_cost, judge, min_quality=0.95, budget=400)
+    both = search(20, fake_cost, judge, min_quality=0.95, budget=400, forecasters=("ecdiff", "taylor"))
+    assert both.plan.name == "ec-diff-taylor" and both.trial.share == 1.0
+    # the least-latency Taylor plan at stage 1's s: the largest k, as few real calls as the order allows
+    assert both.plan.segments[0].forecast[1:3] == (1, max(K_GRID))
+    # a wider grid can only find a plan as fast or faster, never a slower one
+    assert (both.trial.latency_s, both.trial.cloud_gpu_s) <= (ecdiff_only.trial.latency_s, ecdiff_only.trial.cloud_gpu_s)
+    taylor = [t for t in both.trials if t.plan.name == "ec-diff-taylor"]
+    for t in taylor:
+        kind, order, k, variable = t.plan.segments[0].forecast
+        assert kind == "taylor" and order in (1, 2, 3) and variable in ("t", "sigma")
+        assert Plan.from_plain(t.plan.to_plain()) == t.plan  # an ordinary plan, a plan file like any other
+    with pytest.raises(SearchError, match="forecasters"):
+        search(20, fake_cost, fake_judge([]), forecasters=("ecdiff", "magic"))

@@ -15,20 +15,24 @@ latency is feasible), after as few measurements as the bound allows.
 
     stage 1   s over a grid of switch steps, (p, k, a) at the preset's (EC-Diff's, scaled to N steps)
     stage 2   (p, k, a) over a grid at stage 1's s, those with a * k < 1 (EC-Diff's rule is unstable past
-              that: bench/README.md)
+              that: bench/README.md); with forecasters=("ecdiff", "taylor"), beyond EC-Diff, also
+              latentwire's Taylor forecasters at that s: orders 1-3, in t or in sigma, every k + 1 steps
 
 ``budget`` caps the quality measurements (cloud-only's reference counts as one). A plan found is an ordinary
 Plan: ``plan.to_plain()`` is the file `latentwire edge/eval/cost --plan-file` read.
 """
 from dataclasses import dataclass, field
 
-from latentwire.scheduler.plan import PlanError, ec_diff, make
+from latentwire.scheduler.plan import Plan, PlanError, Segment, ec_diff, make
 
 DEFAULT_BUDGET = 12
 DEFAULT_MIN_QUALITY = 0.95
 K_GRID = (1, 2, 3, 4, 5)
 A_GRID = (0.1, 0.2, 0.3, 0.5, 0.7)
 P_OFFSETS = (-2, 0, 2)  # around the preset's p (scaled), p >= 2
+TAYLOR_ORDERS = (1, 2, 3)
+TAYLOR_VARIABLES = ("t", "sigma")
+FORECASTERS = ("ecdiff", "taylor")
 
 
 class SearchError(ValueError):
@@ -82,17 +86,20 @@ def share(quality, reference):
 
 
 def search(num_steps, cost, judge, *, min_quality=DEFAULT_MIN_QUALITY, budget=DEFAULT_BUDGET, preset="sd",
-           s_grid=None):
+           s_grid=None, forecasters=("ecdiff",)):
     """The two-stage greedy search over ec-diff plans of ``num_steps`` steps -> Result.
 
     cost(plan) -> a scheduler.cost Cost (latency_s, cloud_gpu_s); judge(plan) -> a quality dict with
     attribute_accuracy and frechet_distance (pipelines.evaluate.evaluate_plan's). s_grid: the switch steps
-    stage 1 tries (default: every step from the preset's p + 1 to num_steps - 1 in about 10 even strides)."""
+    stage 1 tries (default: every step from the preset's p + 1 to num_steps - 1 in about 10 even strides).
+    forecasters: those stage 2 searches over, from FORECASTERS (ecdiff: EC-Diff's own)."""
     if type(num_steps) is not int or num_steps < 4:
         raise SearchError(f"num_steps {num_steps!r}: an int >= 4 (EC-Diff needs p >= 2 real steps, a forecast "
                           "and an edge step)")
     if not 0 < min_quality <= 1:
         raise SearchError(f"min_quality {min_quality!r}: a share of cloud-only's quality in (0, 1]")
+    if not forecasters or any(f not in FORECASTERS for f in forecasters):
+        raise SearchError(f"forecasters {forecasters!r}: one or more of {', '.join(FORECASTERS)}")
     if type(budget) is not int or budget < 2:
         raise SearchError(f"budget {budget!r}: at least 2 quality measurements (cloud-only's reference and one "
                           "candidate)")
@@ -135,11 +142,22 @@ def search(num_steps, cost, judge, *, min_quality=DEFAULT_MIN_QUALITY, budget=DE
         return Result(None, None, reference, spent["n"], trials)
     s = best.plan.params["s"]
     stage2 = [plan for k in K_GRID for a in A_GRID if a * k < 1 for dp in P_OFFSETS
-              for plan in _plans(num_steps, max(2, p0 + dp), k, a, s)]
+              for plan in _plans(num_steps, max(2, p0 + dp), k, a, s)] if "ecdiff" in forecasters else []
+    if "taylor" in forecasters:
+        stage2 += [_taylor(num_steps, order, k, v, s) for order in TAYLOR_ORDERS for k in K_GRID
+                   for v in TAYLOR_VARIABLES if order + 1 < s]
     second = first_feasible(stage2 + [best.plan], 2)
     if second is not None and (second.latency_s, second.cloud_gpu_s) < (best.latency_s, best.cloud_gpu_s):
         best = second
     return Result(best.plan, best, reference, spent["n"], trials)
+
+
+def _taylor(num_steps, order, k, variable, s):
+    """EC-Diff's split with latentwire's Taylor forecaster on the cloud's steps (kernels.extrapolate.Taylor:
+    order + 1 real calls first, then one every k + 1)."""
+    return Plan("ec-diff-taylor", num_steps, (Segment("cloud", 0, s, ("taylor", order, k, variable)),
+                                              Segment("edge", s, num_steps)),
+                {"order": order, "k": k, "variable": variable, "s": s})
 
 
 def _plans(num_steps, p, k, a, s):
