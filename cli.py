@@ -314,22 +314,29 @@ def _search(args):
 
     def judge(plan, n=args.n, seed=seed):
         q = evaluate_plan(plan, models, n=n, seed=seed)
-        log(f"  measured {plan}: accuracy {q['attribute_accuracy']:.4f}, Frechet {q['frechet_distance']:.1f}")
+        log(f"  measured {plan} on {n} prompts: accuracy {q['attribute_accuracy']:.4f}, "
+            f"Frechet {q['frechet_distance']:.1f}")
         return q
 
+    confirm_n = 4 * args.n if args.confirm_n is None else args.confirm_n
+    held_out_n = args.held_out_n or confirm_n or args.n
+    if confirm_n < 0 or args.n < 1:
+        raise SystemExit("latentwire search: --n must be >= 1 and --confirm-n >= 0 (0: no confirmation)")
     try:
         cost(make("cloud-only", args.steps))  # the profiles cover the plan's sides before any measurement
         result = search(args.steps, cost, judge, min_quality=args.min_quality, budget=args.budget,
-                        preset=args.preset or "sd", forecasters=tuple(args.forecasters.split(",")))
+                        preset=args.preset or "sd", forecasters=tuple(args.forecasters.split(",")),
+                        confirm=(lambda plan: judge(plan, confirm_n)) if confirm_n else None)
     except (SearchError, CostError, ProfileError, ValueError) as e:
         raise SystemExit(f"latentwire search: {e}") from None
     out = {"system": args.system, "cloud_device": cloud.name, "edge_device": edge.name, "link": link.name,
            "load": args.load, "assumed": assumed, "min_quality": args.min_quality, "budget": args.budget,
-           "steps": args.steps, "n": args.n, "seed": seed, "cloud": args.cloud, **result.to_plain()}
+           "steps": args.steps, "n": args.n, "confirm_n": confirm_n, "seed": seed, "cloud": args.cloud,
+           **result.to_plain()}
     if result.plan is not None:
-        ref = judge(make("cloud-only", args.steps), args.held_out_n or args.n, held_out_seed)
-        found = judge(result.plan, args.held_out_n or args.n, held_out_seed)
-        out["held_out"] = {"seed": held_out_seed, "n": args.held_out_n or args.n, "quality": found, "reference": ref,
+        ref = judge(make("cloud-only", args.steps), held_out_n, held_out_seed)
+        found = judge(result.plan, held_out_n, held_out_seed)
+        out["held_out"] = {"seed": held_out_seed, "n": held_out_n, "quality": found, "reference": ref,
                            "share": share(found, ref), "meets_bound": share(found, ref) >= args.min_quality}
         if args.out:
             with open(args.out, "w") as f:
@@ -738,7 +745,10 @@ def build_parser():
     c.add_argument("--n", type=int, default=32, help="search prompts per measurement")
     c.add_argument("--seed", type=int, help="search prompts' seed (default: pipelines/evaluate.py's EVAL_SEED)")
     c.add_argument("--held-out-seed", type=int, help="the held-out prompts' seed (default: --seed + 1)")
-    c.add_argument("--held-out-n", type=int, help="held-out prompts (default: --n)")
+    c.add_argument("--confirm-n", type=int,
+                   help="a candidate that meets the bound on --n prompts must meet it on this many too (default 4 x "
+                        "--n; 0: no confirmation): a few dozen prompts' Frechet distance is too noisy for a 95%% bound")
+    c.add_argument("--held-out-n", type=int, help="held-out prompts (default: --confirm-n, else --n)")
     c.add_argument("--cloud", choices=("trained", "ideal"), default="trained",
                    help="the world's cloud model: world-sd-cloud, or the exact denoiser")
     c.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")

@@ -46,6 +46,12 @@ def fake_cost(plan):
     return SimpleNamespace(latency_s=latency, cloud_gpu_s=labels.count("cloud") * STEP["cloud"])
 
 
+def fast_edge_cost(plan):  # the edge faster than the cloud: handing off early saves time
+    labels = [label for _, label in plan.labels()]
+    latency = sum({"cloud": 0.05, "edge": 0.02, "forecast": 0.001}[label] for label in labels)
+    return SimpleNamespace(latency_s=latency, cloud_gpu_s=labels.count("cloud") * 0.05)
+
+
 def fake_judge(log):
     def judge(plan):
         log.append(plan)
@@ -127,12 +133,15 @@ def test_search_writes_a_plan_that_eval_and_cost_run(tmp_path):
                                 "sources": {k: "test fixture" for k in ("up_mbit_s", "down_mbit_s", "rtt_ms")}}))
     out = tmp_path / "plan.json"
     r = run("search", "--cloud-device", cloud, "--edge-device", edge, "--link", str(link), "--steps", "8", "--n", "3",
-            "--budget", "4", "--min-quality", "0.02", "--threads", "1", "--out", str(out), "--json")
+            "--budget", "6", "--min-quality", "0.02", "--confirm-n", "4", "--threads", "1", "--out", str(out),
+            "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
-    assert res["evaluations"] <= 4 and res["share"] >= 0.02 and res["plan"]["name"] == "ec-diff"
+    assert res["evaluations"] <= 6 and res["share"] >= 0.02 and res["plan"]["name"] == "ec-diff"
+    assert res["confirm_n"] == 4 and res["confirmed"]["n"] == 4 and res["confirmed_share"] >= 0.02
     held = res["held_out"]
     assert held["seed"] == res["seed"] + 1 and set(held) >= {"quality", "reference", "share", "meets_bound"}
+    assert held["n"] == 4  # as many as the confirmation's
     plan = Plan.from_plain(json.loads(out.read_text()))
     assert plan.to_plain() == res["plan"]
     e = run("eval", "--plan-file", str(out), "--n", "3", "--threads", "1", "--json")
@@ -174,3 +183,59 @@ def test_beyond_ec_diff_stage_two_also_tries_taylor_forecasters():
         assert Plan.from_plain(t.plan.to_plain()) == t.plan  # an ordinary plan, a plan file like any other
     with pytest.raises(SearchError, match="forecasters"):
         search(20, fake_cost, fake_judge([]), forecasters=("ecdiff", "magic"))
+
+
+def test_a_candidate_must_also_pass_on_the_confirmation_prompts():
+    base = fake_judge([])
+    confirmed = []
+
+    plain = search(20, fast_edge_cost, base, min_quality=0.95, budget=400)
+    limit = counts(plain.plan)[1]
+
+    def confirm(plan):  # on more prompts, as many forecast steps as the plain search's pick fall below the bound
+        confirmed.append(plan)
+        q = dict(base(plan))
+        if counts(plan)[1] >= limit:
+            q["frechet_distance"] *= 1.2
+        return q
+
+    checked = search(20, fast_edge_cost, base, min_quality=0.95, budget=400, confirm=confirm)
+    assert counts(checked.plan)[1] < limit and checked.plan.name == "ec-diff"  # the plain pick fails confirmation
+    assert checked.trial.confirmed_share >= 0.95 and checked.trial.share >= 0.95
+    refused = [t for t in checked.trials if t.confirmed is not None and t.confirmed_share < 0.95]
+    assert refused and all(t.share >= 0.95 for t in refused)
+    # cloud-only is confirmed once, each candidate once, and every confirmation counts against the budget
+    assert confirmed.count(make("cloud-only", 20)) == 1 and len(confirmed) == len({p.segments for p in confirmed})
+    measured = len({t.plan.segments for t in checked.trials}) + 1
+    assert checked.evaluations == measured + len(confirmed)
+    assert checked.to_plain()["confirmed_share"] == checked.trial.confirmed_share
+
+
+def test_stage_one_falls_back_to_no_forecasting_when_the_preset_forecasts_too_much():
+    base = fake_judge([])
+
+    def judge(plan):  # any forecast step costs more than the bound allows
+        return {"attribute_accuracy": 0.5, "frechet_distance": 1e4} if counts(plan)[1] else base(plan)
+
+    result = search(20, fast_edge_cost, judge, min_quality=0.95, budget=400)
+    assert result.plan is not None and counts(result.plan)[1] == 0 and result.plan.params["k"] == 0
+    assert [t.plan.params["k"] for t in result.trials if t.stage == 1][-1] == 0
+    # the earliest switch step that keeps the bound without forecasting (the edge is the faster side here)
+    feasible = [s for s in sorted({*range(4, 20, 2), 19})
+                if share(base(ec_diff(20, k=0, s=s)), base(make("cloud-only", 20))) >= 0.95]
+    assert result.plan.params["s"] == min(feasible)
+
+
+def test_a_split_slower_than_cloud_only_gives_way_to_cloud_only():
+    def judge(plan):  # no forecast and no edge step passes but the last
+        cloud, forecast, edge = counts(plan)
+        bad = forecast or edge > 1
+        return {"attribute_accuracy": 0.5 if bad else 1.0, "frechet_distance": 1e4 if bad else 100.0}
+
+    def slow_edge(plan):  # an edge step and the handoff cost more than the cloud step they replace
+        c = fake_cost(plan)
+        return SimpleNamespace(latency_s=c.latency_s + (0.5 if counts(plan)[2] else 0), cloud_gpu_s=c.cloud_gpu_s)
+
+    result = search(20, slow_edge, judge, min_quality=0.95, budget=400)
+    assert result.plan == make("cloud-only", 20) and result.trial.share == 1.0 and result.trial.stage == 0
+    assert any(t.plan.params.get("k") == 0 and t.share >= 0.95 for t in result.trials)  # found, and slower

@@ -13,15 +13,18 @@ cost model is arithmetic. So each stage orders its candidates by predicted laten
 that order until one meets the bound: the first that does is the stage's best (no candidate of lower
 latency is feasible), after as few measurements as the bound allows.
 
-    stage 1   s over a grid of switch steps, (p, k, a) at the preset's (EC-Diff's, scaled to N steps)
+    stage 1   s over a grid of switch steps, (p, k, a) at the preset's (EC-Diff's, scaled to N steps); if
+              no s meets the bound so, the same without forecasting (k = 0: every cloud step real)
     stage 2   (p, k, a) over a grid at stage 1's s, those with a * k < 1 (EC-Diff's rule is unstable past
               that: bench/README.md); with forecasters=("ecdiff", "taylor"), beyond EC-Diff, also
               latentwire's Taylor forecasters at that s: orders 1-3, in t or in sigma, every k + 1 steps
 
-``budget`` caps the quality measurements (cloud-only's reference counts as one). A plan found is an ordinary
+``budget`` caps the quality measurements (cloud-only's reference counts as one). If the best plan found is
+slower than cloud-only itself (an edge slower than the cloud, and no forecasting the bound allows), the
+answer is cloud-only. A plan found is an ordinary
 Plan: ``plan.to_plain()`` is the file `latentwire edge/eval/cost --plan-file` read.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from latentwire.scheduler.plan import Plan, PlanError, Segment, ec_diff, make
 
@@ -49,11 +52,13 @@ class Trial:
     stage: int
     quality: dict = None
     share: float = None
+    confirmed: dict = None  # its quality on the confirmation prompts, if it passed on the search's
+    confirmed_share: float = None
 
     def to_plain(self):
         return {"plan": str(self.plan), "params": dict(self.plan.params), "stage": self.stage,
                 "latency_s": self.latency_s, "cloud_gpu_s": self.cloud_gpu_s, "quality": self.quality,
-                "share": self.share}
+                "share": self.share, "confirmed": self.confirmed, "confirmed_share": self.confirmed_share}
 
 
 @dataclass
@@ -73,6 +78,8 @@ class Result:
                 "plan_text": None if self.plan is None else str(self.plan),
                 "quality": None if t is None else t.quality, "share": None if t is None else t.share,
                 "latency_s": None if t is None else t.latency_s, "cloud_gpu_s": None if t is None else t.cloud_gpu_s,
+                "confirmed": None if t is None else t.confirmed,
+                "confirmed_share": None if t is None else t.confirmed_share,
                 "reference": self.reference, "evaluations": self.evaluations,
                 "trials": [x.to_plain() for x in self.trials]}
 
@@ -86,13 +93,16 @@ def share(quality, reference):
 
 
 def search(num_steps, cost, judge, *, min_quality=DEFAULT_MIN_QUALITY, budget=DEFAULT_BUDGET, preset="sd",
-           s_grid=None, forecasters=("ecdiff",)):
+           s_grid=None, forecasters=("ecdiff",), confirm=None):
     """The two-stage greedy search over ec-diff plans of ``num_steps`` steps -> Result.
 
     cost(plan) -> a scheduler.cost Cost (latency_s, cloud_gpu_s); judge(plan) -> a quality dict with
     attribute_accuracy and frechet_distance (pipelines.evaluate.evaluate_plan's). s_grid: the switch steps
     stage 1 tries (default: every step from the preset's p + 1 to num_steps - 1 in about 10 even strides).
-    forecasters: those stage 2 searches over, from FORECASTERS (ecdiff: EC-Diff's own)."""
+    forecasters: those stage 2 searches over, from FORECASTERS (ecdiff: EC-Diff's own). confirm(plan) -> a
+    quality dict on more prompts than judge's: a candidate that meets the bound on judge's prompts is
+    accepted only if it also meets it there (against cloud-only's, confirmed once); a small prompt set's
+    Fréchet distance is too noisy to hold a 95% bound alone. Each confirmation counts against the budget."""
     if type(num_steps) is not int or num_steps < 4:
         raise SearchError(f"num_steps {num_steps!r}: an int >= 4 (EC-Diff needs p >= 2 real steps, a forecast "
                           "and an edge step)")
@@ -106,7 +116,7 @@ def search(num_steps, cost, judge, *, min_quality=DEFAULT_MIN_QUALITY, budget=DE
     base = ec_diff(num_steps, preset=preset)
     p0, k0, a0 = base.params["p"], base.params["k"], base.params["a"]
     spent = {"n": 0}
-    trials, measured = [], {}
+    trials, measured, confirmed = [], {}, {}
 
     def measure(plan):
         key = plan.segments
@@ -125,8 +135,19 @@ def search(num_steps, cost, judge, *, min_quality=DEFAULT_MIN_QUALITY, budget=DE
                 return None
             q = measure(t.plan)
             t = Trial(t.plan, t.latency_s, t.cloud_gpu_s, stage, q, share(q, reference))
+            if t.share >= min_quality and confirm is not None:
+                key = t.plan.segments
+                if spent["n"] + (key not in confirmed) + ("reference" not in confirmed) > budget:
+                    trials.append(t)
+                    return None
+                for k, plan in (("reference", make("cloud-only", num_steps)), (key, t.plan)):
+                    if k not in confirmed:
+                        spent["n"] += 1
+                        confirmed[k] = confirm(plan)
+                t = replace(t, confirmed=confirmed[key],
+                            confirmed_share=share(confirmed[key], confirmed["reference"]))
             trials.append(t)
-            if t.share >= min_quality:
+            if t.share >= min_quality and (confirm is None or t.confirmed_share >= min_quality):
                 return t
         return None
 
@@ -138,6 +159,8 @@ def search(num_steps, cost, judge, *, min_quality=DEFAULT_MIN_QUALITY, budget=DE
     if not stage1:
         raise SearchError(f"s_grid {list(s_grid)}: no valid ec-diff plan (s must be in {p0}..{num_steps - 1})")
     best = first_feasible(stage1, 1)
+    if best is None:  # no switch step works at the preset's forecasting: where can the edge take over at all?
+        best = first_feasible([plan for s in s_grid for plan in _plans(num_steps, p0, 0, a0, s)], 1)
     if best is None:
         return Result(None, None, reference, spent["n"], trials)
     s = best.plan.params["s"]
@@ -149,6 +172,12 @@ def search(num_steps, cost, judge, *, min_quality=DEFAULT_MIN_QUALITY, budget=DE
     second = first_feasible(stage2 + [best.plan], 2)
     if second is not None and (second.latency_s, second.cloud_gpu_s) < (best.latency_s, best.cloud_gpu_s):
         best = second
+    # cloud-only meets any bound (it is the reference): a split slower than it is no answer
+    alone = make("cloud-only", num_steps)
+    c = cost(alone)
+    if (c.latency_s, c.cloud_gpu_s) < (best.latency_s, best.cloud_gpu_s):
+        best = Trial(alone, c.latency_s, c.cloud_gpu_s, 0, reference, 1.0, confirmed.get("reference"),
+                     1.0 if "reference" in confirmed else None)
     return Result(best.plan, best, reference, spent["n"], trials)
 
 
