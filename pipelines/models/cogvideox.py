@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from .sd import SCHEDULER_CONFIG, _placed, scale_model_input, scheduler_class_named
-from .common import PipelineModel, require_subfolders, guidance_rows
+from .common import PipelineModel, batch_embeds, guidance_rows, require_subfolders
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
 ROTARY_CACHE_ENTRIES = 8  # latent grids (F, H, W) whose rotary embeddings a model keeps
@@ -188,11 +188,7 @@ class CogVideoXModel(PipelineModel):
             raise ValueError(f"x's latent grid (F, H, W) = {(frames, h, w)} must divide into the transformer's "
                              f"patches ({p_t or 1}, {p}, {p})")
         embeds = [cond] if uncond is None else [uncond, cond]
-        length, width = self.text_space.max_length, self.text_space.hidden_size
-        for e in embeds:
-            if e.dim() != 3 or e.shape[0] not in (1, b) or e.shape[1:] != (length, width):
-                raise ValueError(f"text embeddings must be (1 or {b}, {length}, {width}), got {tuple(e.shape)}")
-        embeds = [e.expand(b, -1, -1) for e in embeds]
+        embeds = [batch_embeds(e, b, self.text_space.max_length, self.text_space.hidden_size) for e in embeds]
         k = len(embeds)
         x_in, t = guidance_rows(x, t, k)
         x_in = scale_model_input(scheduler if scheduler is not None else self.scheduler, x_in, t)

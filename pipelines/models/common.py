@@ -27,6 +27,24 @@ def guidance_rows(x, t, k):
     return x_in, t
 
 
+def batch_embeds(e, b, length, width, what="text embeddings"):
+    """One conditioning tensor of (1 or b, length, width), checked, expanded to b rows (a view)."""
+    if e.dim() != 3 or e.shape[0] not in (1, b) or e.shape[1:] != (length, width):
+        raise ValueError(f"{what} must be (1 or {b}, {length}, {width}), got {tuple(e.shape)}")
+    return e.expand(b, -1, -1)
+
+
+def check_unet(unet, vae):
+    """The checks every UNet family makes of its folder's components: the UNet reads the VAE's latents, and
+    takes no guidance embedding (a guidance-distilled model: predict() supplies none)."""
+    if unet.config.in_channels != vae.config.latent_channels:
+        raise ValueError(f"the UNet takes {unet.config.in_channels} channels but the VAE's latents have "
+                         f"{vae.config.latent_channels}: not one model's components")
+    if unet.config.time_cond_proj_dim is not None:
+        raise ValueError(f"this UNet takes a guidance embedding (time_cond_proj_dim "
+                         f"{unet.config.time_cond_proj_dim}: a guidance-distilled model); predict() supplies none")
+
+
 class PipelineModel:
     """initial_noise and generate for a model with ``latent_shape``, ``device``, ``dtype``, ``scheduler``,
     ``make_scheduler``, ``encode_prompt`` and ``predict``."""

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from .common import PipelineModel, require_subfolders, guidance_rows
+from .common import PipelineModel, batch_embeds, check_unet, guidance_rows, require_subfolders
 
 SUBFOLDERS = ("tokenizer", "text_encoder", "unet", "vae", "scheduler")
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -59,12 +59,7 @@ class StableDiffusionModel(PipelineModel):
         if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
             raise ValueError(f"the UNet's cross_attention_dim {unet.config.cross_attention_dim} differs from the text "
                              f"encoder's hidden_size {text_encoder.config.hidden_size}: not one model's components")
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"the UNet takes {unet.config.in_channels} channels but the VAE's latents have "
-                             f"{vae.config.latent_channels}: not one model's components")
-        if unet.config.time_cond_proj_dim is not None:
-            raise ValueError(f"this UNet takes a guidance embedding (time_cond_proj_dim "
-                             f"{unet.config.time_cond_proj_dim}: a guidance-distilled model); eps() supplies none")
+        check_unet(unet, vae)
         self.device, self.dtype = torch.device(device), dtype
         self.tokenizer = tokenizer
         self.text_encoder, self.unet, self.vae = (_placed(m, self.device, dtype) for m in (text_encoder, unet, vae))
@@ -154,11 +149,7 @@ class StableDiffusionModel(PipelineModel):
         if x.dim() != 4 or x.shape[1] != self.latent_shape[0]:
             raise ValueError(f"x must be (B, {self.latent_shape[0]}, H, W), got {tuple(x.shape)}")
         embeds = [cond] if uncond is None else [uncond, cond]
-        length, width = self.text_space.max_length, self.text_space.hidden_size
-        for e in embeds:
-            if e.dim() != 3 or e.shape[0] not in (1, b) or e.shape[1:] != (length, width):
-                raise ValueError(f"text embeddings must be (1 or {b}, {length}, {width}), got {tuple(e.shape)}")
-        embeds = [e.expand(b, -1, -1) for e in embeds]
+        embeds = [batch_embeds(e, b, self.text_space.max_length, self.text_space.hidden_size) for e in embeds]
         k = len(embeds)
         x_in, t = guidance_rows(x, t, k)
         x_in = scale_model_input(scheduler if scheduler is not None else self.scheduler, x_in, t)

@@ -37,7 +37,7 @@ from typing import NamedTuple
 import torch
 
 from .sd import _placed, scheduler_class_named
-from .common import PipelineModel, require_subfolders
+from .common import PipelineModel, batch_embeds, guidance_rows, require_subfolders
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "transformer", "vae", "scheduler")
 T5_SUBFOLDERS = ("text_encoder_3", "tokenizer_3")
@@ -247,21 +247,13 @@ class StableDiffusion3Model(PipelineModel):
             if not (isinstance(c, tuple) and len(c) == 2):
                 raise ValueError(f"SD3 conditioning is a tuple (embeds, pooled), got {type(c).__name__}")
             embeds, pooled = c
-            if embeds.dim() != 3 or embeds.shape[0] not in (1, b) or embeds.shape[1:] != (length, space.hidden_size):
-                raise ValueError(f"text embeddings must be (1 or {b}, {length}, {space.hidden_size}), got "
-                                 f"{tuple(embeds.shape)}")
+            batch_embeds(embeds, b, length, space.hidden_size)  # checked; expanded below, with the pooled
             if pooled.dim() != 2 or pooled.shape != (embeds.shape[0], space.pooled_size):
                 raise ValueError(f"pooled embeddings must be ({embeds.shape[0]}, {space.pooled_size}), got "
                                  f"{tuple(pooled.shape)}")
         k = len(conds)
-        x_in = torch.cat([x] * k) if k > 1 else x
-        t = torch.as_tensor(t, device=x.device)
-        if t.dim() == 1:
-            if t.shape != (b,):
-                raise ValueError(f"a per-row t must have shape ({b},), got {tuple(t.shape)}")
-            timestep = torch.cat([t] * k)
-        else:
-            timestep = t.expand(k * b)
+        x_in, t = guidance_rows(x, torch.as_tensor(t, device=x.device), k)
+        timestep = t if t.dim() == 1 else t.expand(k * b)
         embeds = torch.cat([e.expand(b, -1, -1) for e, _ in conds])
         pooled = torch.cat([p.expand(b, -1) for _, p in conds])
         out = self.transformer(hidden_states=x_in, timestep=timestep, encoder_hidden_states=embeds,

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from .sd import SCHEDULER_CONFIG, LatentSpace, _placed, scale_model_input, scheduler_class_named
-from .common import PipelineModel, require_subfolders, guidance_rows
+from .common import PipelineModel, batch_embeds, check_unet, guidance_rows, require_subfolders
 
 SUBFOLDERS = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "unet", "vae", "scheduler")
 MODEL_INDEX = "model_index.json"
@@ -73,12 +73,7 @@ class StableDiffusionXLModel(PipelineModel):
         if unet.config.addition_embed_type != "text_time":
             raise ValueError(f"the UNet's addition_embed_type is {unet.config.addition_embed_type!r}, not 'text_time': "
                              "not an SDXL UNet")
-        if unet.config.in_channels != vae.config.latent_channels:
-            raise ValueError(f"the UNet takes {unet.config.in_channels} channels but the VAE's latents have "
-                             f"{vae.config.latent_channels}: not one model's components")
-        if unet.config.time_cond_proj_dim is not None:
-            raise ValueError(f"this UNet takes a guidance embedding (time_cond_proj_dim "
-                             f"{unet.config.time_cond_proj_dim}: a guidance-distilled model); predict() supplies none")
+        check_unet(unet, vae)
         self.device, self.dtype = torch.device(device), dtype
         self.tokenizers = (tokenizer, tokenizer_2)
         self.text_encoders = tuple(_placed(m, self.device, dtype) for m in (text_encoder, text_encoder_2))
@@ -208,11 +203,9 @@ class StableDiffusionXLModel(PipelineModel):
                 raise ValueError("SDXL conditioning must be the (embeds, pooled) pair encode_prompt returns, got "
                                  f"{type(c).__name__}")
             e, p = c
-            if e.dim() != 3 or e.shape[0] not in (1, b) or e.shape[1:] != (length, width):
-                raise ValueError(f"text embeddings must be (1 or {b}, {length}, {width}), got {tuple(e.shape)}")
+            embeds.append(batch_embeds(e, b, length, width))
             if p.dim() != 2 or p.shape[0] != e.shape[0] or p.shape[1] != pooled_width:
                 raise ValueError(f"pooled embeddings must be ({e.shape[0]}, {pooled_width}), got {tuple(p.shape)}")
-            embeds.append(e.expand(b, -1, -1))
             pooled.append(p.expand(b, -1))
         k = len(pairs)
         x_in, t = guidance_rows(x, t, k)
