@@ -320,8 +320,9 @@ def _search(args):
 
     confirm_n = 4 * args.n if args.confirm_n is None else args.confirm_n
     held_out_n = args.held_out_n or confirm_n or args.n
-    if confirm_n < 0 or args.n < 1:
-        raise SystemExit("latentwire search: --n must be >= 1 and --confirm-n >= 0 (0: no confirmation)")
+    if confirm_n < 0 or args.n < 1 or (args.held_out_n is not None and args.held_out_n < 1):
+        raise SystemExit("latentwire search: --n and --held-out-n must be >= 1 and --confirm-n >= 0 (0: no "
+                         "confirmation)")
     try:
         cost(make("cloud-only", args.steps))  # the profiles cover the plan's sides before any measurement
         result = search(args.steps, cost, judge, min_quality=args.min_quality, budget=args.budget,

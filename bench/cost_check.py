@@ -348,8 +348,8 @@ def main(argv=None):
                                                             "(0: skip; needs the in-process run)")
     ap.add_argument("--json", help="also write every measured row and prediction here")
     args = ap.parse_args(argv)
-    if args.repeats < 1:
-        ap.error("--repeats must be >= 1")
+    if args.repeats < 1 or args.steps < 1 or args.profile_repeats < 1 or args.pairs < 0:
+        ap.error("--repeats, --steps and --profile-repeats must be >= 1, --pairs >= 0")
     torch.set_num_threads(1)
     load_before = os.getloadavg()
     t_run = time.perf_counter()

@@ -141,7 +141,16 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("bench/link_check.py needs root: it makes network namespaces and shapes them with tc")
-    bandwidths = [float(v) for v in args.mbit.split(",")]
+    try:
+        bandwidths = [float(v) for v in args.mbit.split(",")]
+    except ValueError:
+        ap.error(f"--mbit {args.mbit!r}: comma-separated numbers of Mbit/s, e.g. 1,10,50")
+    if not all(0 < v <= 10_000 for v in bandwidths) or args.rtt_ms < 0 or args.repeats < 1 or args.steps < 1:
+        ap.error("--mbit values in (0, 10000], --rtt-ms >= 0, --repeats and --steps >= 1")
+    from latentwire.protocol import CODECS
+
+    if args.codec not in CODECS:
+        ap.error(f"--codec {args.codec!r}: one of {', '.join(CODECS)}")
     torch.set_num_threads(1)
     t_run = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="latentwire-link-check-"))

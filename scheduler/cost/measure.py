@@ -69,8 +69,8 @@ def measure(model, *, name, model_name, resolution=None, steps=25, repeats=REPEA
     calls["decode"] = lambda: model.decode(x[1])
     clock = _Clock(device, repeats, warmup)
     # Timed in the state the serving process is in. On a CPU, what a process ran before changes the UNet's
-    # speed: after the VAE decoder's first run (its large buffers) the same UNet call ran 5-15% faster here
-    # (a 4x64x64 tiny UNet: 45 ms before, 39 ms after). An edge decodes every generation, so its steps run
+    # speed: after the VAE decoder's first run (its large buffers) the same UNet call ran 4-15% faster here
+    # (bench/decode_warmup.py, a 4x64x64 tiny UNet). An edge decodes every generation, so its steps run
     # in the after-decode state: every call warms before any is timed. A cloud daemon never decodes: its
     # calls warm and are timed before the decoder runs at all, and the decoder (for completeness) last.
     first = [k for k in calls if k != "decode"] if side == "cloud" else list(calls)
