@@ -1,5 +1,6 @@
 """The ``latentwire`` command. Subcommands are thin: each calls the package's public API."""
 import argparse
+import os
 import sys
 
 
@@ -790,7 +791,11 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # the reader went away (`latentwire cost --list | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 0
 
 
 if __name__ == "__main__":
