@@ -291,7 +291,8 @@ def _search(args):
     import torch
 
     from latentwire.pipelines.ecdiff import SearchError, search, share
-    from latentwire.pipelines.evaluate import EVAL_SEED, evaluate_plan, load_models
+    from latentwire.pipelines.ecdiff.cache import Cache, quality
+    from latentwire.pipelines.evaluate import EVAL_GUIDANCE, EVAL_SEED, generate, latent_distance, load_models
     from latentwire.scheduler import make
     from latentwire.scheduler.cost.model import CostError, predict
     from latentwire.scheduler.cost.profiles import ProfileError, load_device, load_link
@@ -313,27 +314,48 @@ def _search(args):
     def cost(plan):
         return predict(plan, cloud, edge, link, load=args.load)
 
+    try:
+        cache = Cache(args.cache)
+    except ValueError as e:
+        raise SystemExit(f"latentwire search: --cache {e}") from None
+    key = {"cloud": args.cloud, "guidance": EVAL_GUIDANCE, "threads": torch.get_num_threads()}
+
     def judge(plan, n=args.n, seed=seed):
-        q = evaluate_plan(plan, models, n=n, seed=seed)
+        q = quality(cache, plan, models, args.cloud, n, seed, key["threads"])
         log(f"  measured {plan} on {n} prompts: accuracy {q['attribute_accuracy']:.4f}, "
             f"Frechet {q['frechet_distance']:.1f}")
         return q
 
+    reference_latents = []
+
+    def distance(plan):
+        if not reference_latents:
+            reference_latents.append(generate(make("cloud-only", args.steps), models, args.rank_n, seed)[0])
+        return latent_distance(generate(plan, models, args.rank_n, seed)[0], reference_latents[0])
+
+    def rank(plan):  # the proxy that orders equal-latency candidates: distance from cloud-only's latents
+        return cache.measure("distance", plan, lambda: distance(plan), n=args.rank_n, seed=seed, **key)
+
     confirm_n = 4 * args.n if args.confirm_n is None else args.confirm_n
     held_out_n = args.held_out_n or confirm_n or args.n
-    if confirm_n < 0 or args.n < 1 or (args.held_out_n is not None and args.held_out_n < 1):
-        raise SystemExit("latentwire search: --n and --held-out-n must be >= 1 and --confirm-n >= 0 (0: no "
-                         "confirmation)")
+    if (confirm_n < 0 or args.n < 1 or (args.held_out_n is not None and args.held_out_n < 1) or args.rank_n < 0
+            or not args.screen_margin >= 0):
+        raise SystemExit("latentwire search: --n and --held-out-n must be >= 1, and --confirm-n, --rank-n and "
+                         "--screen-margin >= 0 (0: no confirmation, no proxy, no screen)")
     try:
         cost(make("cloud-only", args.steps))  # the profiles cover the plan's sides before any measurement
         result = search(args.steps, cost, judge, min_quality=args.min_quality, budget=args.budget,
                         preset=args.preset or "sd", forecasters=tuple(args.forecasters.split(",")),
-                        confirm=(lambda plan: judge(plan, confirm_n)) if confirm_n else None)
+                        confirm=(lambda plan: judge(plan, confirm_n)) if confirm_n else None,
+                        spacing=args.spacing, rank=rank if args.rank_n else None,
+                        handoff_optional=args.no_handoff, screen_margin=args.screen_margin)
     except (SearchError, CostError, ProfileError, ValueError) as e:
         raise SystemExit(f"latentwire search: {e}") from None
     out = {"system": args.system, "cloud_device": cloud.name, "edge_device": edge.name, "link": link.name,
            "load": args.load, "assumed": assumed, "min_quality": args.min_quality, "budget": args.budget,
-           "steps": args.steps, "n": args.n, "confirm_n": confirm_n, "seed": seed, "cloud": args.cloud,
+           "steps": args.steps, "n": args.n, "confirm_n": confirm_n, "rank_n": args.rank_n, "seed": seed,
+           "cloud": args.cloud, "forecasters": args.forecasters, "spacing": args.spacing,
+           "no_handoff": args.no_handoff, "screen_margin": args.screen_margin, "cache": args.cache, "cache_hits": None,
            **result.to_plain()}
     if result.plan is not None:
         ref = judge(make("cloud-only", args.steps), held_out_n, held_out_seed)
@@ -343,6 +365,7 @@ def _search(args):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result.plan.to_plain(), f, indent=1)
+    out["cache_hits"] = cache.hits
     if args.json:
         print(json.dumps(out))
     else:
@@ -352,6 +375,182 @@ def _search(args):
                   f"{out['share']:.3f} (search prompts), {out['held_out']['share']:.3f} (held out); "
                   f"{out['evaluations']} evaluations" + (f"; written to {args.out}" if args.out else ""))
     return 0 if result.plan is not None else 3
+
+
+def _session_rounds(args):
+    """The rounds to run: from --rounds FILE (JSON lines), else typed at the terminal, one at a time ->
+    iterator of dicts {"prompt": str} or {"final": True, "prompt": str (optional), "strength": float (optional)}."""
+    import json
+
+    if args.rounds:
+        try:
+            with open(args.rounds) as f:
+                lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+        except OSError as e:
+            raise SystemExit(f"latentwire session: --rounds {args.rounds}: {e.strerror}") from None
+        for n, line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise SystemExit(f"latentwire session: --rounds {args.rounds} line {n}: not JSON ({e})") from None
+            if type(r) is not dict or not set(r) <= {"prompt", "final", "strength"} or (
+                    "prompt" not in r and not r.get("final")):
+                raise SystemExit(f"latentwire session: --rounds {args.rounds} line {n}: a round is "
+                                 '{"prompt": "..."} or {"final": true} (with "prompt" and "strength" optional)')
+            yield r
+        return
+    print("type a prompt for a preview, /final [PROMPT] for the cloud's refine, /quit to stop", file=sys.stderr)
+    while True:
+        print("prompt> ", end="", file=sys.stderr, flush=True)  # stdout is the rounds' output (--json)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        line = line.strip()
+        if line == "/quit":
+            return
+        if line == "/final" or line.startswith("/final "):
+            rest = line[len("/final"):].strip()
+            yield {"final": True, **({"prompt": rest} if rest else {})}
+        elif line:
+            yield {"prompt": line}
+
+
+def _show_inline(path):
+    """The image in the terminal, where it speaks an inline-image protocol (iTerm2, WezTerm, kitty)."""
+    import base64
+    import os
+
+    if not sys.stdout.isatty():
+        return
+    data = base64.b64encode(open(path, "rb").read()).decode()
+    if os.environ.get("TERM_PROGRAM") in ("iTerm.app", "WezTerm"):
+        sys.stdout.write(f"\033]1337;File=inline=1;width=12:{data}\a\n")
+    elif os.environ.get("TERM") == "xterm-kitty":
+        chunks = [data[i:i + 4096] for i in range(0, len(data), 4096)]
+        for k, chunk in enumerate(chunks):
+            head = "f=100,a=T," if k == 0 else ""
+            sys.stdout.write(f"\033_G{head}m={int(k < len(chunks) - 1)};{chunk}\033\\")
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _prompt_session(args):
+    """`latentwire session`: rounds of edge previews, then the cloud's refine of the last one (DiffusionX)."""
+    import json
+    import os
+
+    from latentwire.pipelines.diffusionx import PromptSession, SessionError
+    from latentwire.scheduler.serving.edge import CloudError, CloudUnavailable, EdgeClient
+    from latentwire.scheduler.wire import Codecs
+
+    if (args.curve_secret is None) != (args.server_key is None):
+        raise SystemExit("latentwire session: CURVE needs both --curve-secret CLIENT.key_secret and --server-key "
+                         "SERVER.key")
+    model = _load(args.model, "edge", args.device, args.dtype)
+    client = EdgeClient(args.connect, model, codecs=Codecs(latent=(args.latent_codec, args.latent_level)),
+                        timeout_s=args.timeout, curve_secret=args.curve_secret, server_key=args.server_key)
+    predictor, strength = None, None
+    try:
+        if args.strength == "auto":
+            predictor = _predictor(args, "session")
+        else:
+            strength = float(args.strength)
+        session = PromptSession(model, client, steps=args.steps, preview_steps=args.preview_steps, seed=args.seed,
+                                guidance_scale=args.guidance, scheduler=args.scheduler,
+                                from_previous=args.from_previous, preview_strength=args.preview_strength,
+                                predictor=predictor)
+    except (SessionError, ValueError) as e:
+        raise SystemExit(f"latentwire session: {e} (--strength: auto, or a share in (0, 1])") from None
+    os.makedirs(args.out_dir, exist_ok=True)
+    for k, r in enumerate(_session_rounds(args)):
+        try:
+            if r.get("final"):
+                done = session.finalize(r.get("prompt"), strength=r.get("strength", strength))
+            else:
+                done = session.preview(r["prompt"])
+        except SessionError as e:
+            print(f"latentwire session: {e}", file=sys.stderr)
+            if args.rounds:
+                return 2
+            continue
+        except (CloudUnavailable, CloudError) as e:
+            print(f"latentwire session: {e}", file=sys.stderr)
+            return 2
+        path = os.path.join(args.out_dir, "final.png" if done.kind == "final" else f"round-{k + 1}.png")
+        model.decode(done.latent)[0].save(path)
+        if args.json:
+            print(json.dumps({"round": k + 1, **done.to_plain(), "image": path}), flush=True)
+        else:
+            print(f"{done.kind} {k + 1}: {path} in {done.wall_s:.2f} s (edge calls {done.edge_calls}, cloud calls "
+                  f"{done.cloud_calls}" + (f", strength {done.strength}" if done.kind == "final" else "") +
+                  (f", cloud load {done.load}" if done.load else "") + ")", file=sys.stderr)
+            _show_inline(path)
+        if done.kind == "final":
+            return 0
+    return 0
+
+
+def _predictor(args, command):
+    """The shipped noise-level predictor, its costs from the --cloud-device/--edge-device/--link profiles."""
+    from latentwire.pipelines.diffusionx.predictor import WEIGHTS_PATH, PredictorError, from_profiles
+    from latentwire.scheduler.cost.model import CostError
+    from latentwire.scheduler.cost.profiles import ProfileError
+
+    try:
+        predictor = from_profiles(args.steps, args.cloud_device, args.edge_device, args.link_profile,
+                                  args.assume or ["cloud.text_encode_s=0"], args.weights or WEIGHTS_PATH, args.miss_s)
+        predictor.cost(1.0, 0.0)  # the profiles cover the final's sides before any round runs
+        return predictor
+    except (PredictorError, ProfileError, CostError) as e:
+        raise SystemExit(f"latentwire {command}: {e}") from None
+
+
+def _predict_noise(args):
+    """`latentwire predict-noise`: the refine strength the predictor picks for a prompt change, and why."""
+    import json
+
+    from latentwire.pipelines.diffusionx.predictor import PredictorError
+
+    predictor = _predictor(args, "predict-noise")
+    model = _load(args.model, "edge")
+    try:
+        choice = predictor.choose_for(model, getattr(args, "from"), args.to, args.load)
+    except PredictorError as e:
+        raise SystemExit(f"latentwire predict-noise: {e}") from None
+    out = {"from": getattr(args, "from"), "to": args.to, **choice.to_plain()}
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"strength {choice.strength} (embedding distance {choice.embed_distance:.4f}, {choice.word_edits} word "
+          f"edits, cloud load {choice.load:g}):")
+    print("  strength  P(all attributes)  latency s  cloud GPU s  load term s  objective s")
+    for r in choice.table:
+        mark = " <" if r["strength"] == choice.strength else ""
+        print(f"  {r['strength']:>8}  {r['p_success']:>17.3f}  {r['latency_s']:>9.3f}  {r['cloud_gpu_s']:>11.3f}  "
+              f"{r['load_term_s']:>11.3f}  {r['objective_s']:>11.3f}{mark}")
+    return 0
+
+
+def _edge_arguments(parser):
+    """What an edge process needs to reach a cloud: `latentwire edge` and `latentwire session`."""
+    parser.add_argument("--connect", default="tcp://127.0.0.1:5555")
+    parser.add_argument("--model", help="the edge's diffusers pipeline folder (default: the embedded world-sd-edge)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
+    parser.add_argument("--curve-secret", help="this edge's NAME.key_secret (with --server-key)")
+    parser.add_argument("--server-key", help="the cloud's NAME.key (public)")
+
+
+def _predictor_arguments(parser):
+    parser.add_argument("--cloud-device", default="sd-v1-5@a100", help="the cloud's device profile (the predictor's costs)")
+    parser.add_argument("--edge-device", default="bk-sdm-tiny@galaxy-s24", help="the edge's device profile")
+    parser.add_argument("--link-profile", default="lte", help="the link profile: NAME or PATH")
+    parser.add_argument("--assume", action="append", default=[], metavar="SIDE.FIGURE=SECONDS",
+                        help="fill a device figure the profiles lack (default: cloud.text_encode_s=0, which the "
+                             "A100 profile has no figure for)")
+    parser.add_argument("--weights", help="the predictor's weights (default: the shipped predictor.json)")
+    parser.add_argument("--miss-s", type=float, default=10.0,
+                        help="the objective's price, in seconds, of a final that misses an attribute (an assumption: "
+                             "the exchange rate between quality and time)")
 
 
 def _demo(args):
@@ -415,7 +614,8 @@ def _edge(args):
         print(json.dumps(summary_dict(summary, bytes_up=client.bytes_up, bytes_down=client.bytes_down,
                                       wall_s=round(wall, 3), output=args.out,
                                       latent_codec=list(client.codecs.latent), link=args.link,
-                                      session_id=client.session_id, requests_sent=client.attempts)))
+                                      session_id=client.session_id, requests_sent=client.attempts,
+                                      cloud_load=None if client.load is None else client.load.to_plain())))
     else:
         print(f"wrote {args.out} in {wall:.2f} s: cloud calls {summary.cloud_model_calls}, edge calls "
               f"{summary.edge_model_calls}, forecast steps {summary.forecast_steps}, "
@@ -655,8 +855,7 @@ def build_parser():
 
     e = sub.add_parser("edge", help="generate one image, running the plan's edge steps here",
                        description="Run a split plan against a cloud: the edge's steps here, the cloud's there.")
-    e.add_argument("--connect", default="tcp://127.0.0.1:5555")
-    e.add_argument("--model", help="the edge's diffusers pipeline folder (default: the embedded world-sd-edge)")
+    _edge_arguments(e)
     e.add_argument("--prompt", required=True)
     e.add_argument("--negative-prompt", default="")
     _plan_arguments(e, steps=25)
@@ -671,7 +870,6 @@ def build_parser():
                                   "from `latentwire cost --list`, or PATH.json), or MBIT_PER_S,LATENCY_MS")
     e.add_argument("--error-budget", type=float, default=0.01,
                    help="with --latent-codec auto: the latent's allowed RMSE, as a share of its std")
-    e.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
     e.add_argument("--heartbeat-timeout", type=float, default=10.0,
                    help="seconds of silence after which the cloud is presumed dead (it beats during its steps too)")
     e.add_argument("--retries", type=int, default=2, help="times a lost request is sent again (to another worker)")
@@ -680,9 +878,50 @@ def build_parser():
     e.add_argument("--out", default="out.png", help="the image: a path ending in .png, .jpg, .jpeg or .webp")
     _device_arguments(e)
     e.add_argument("--json", action="store_true", help="print one JSON object with the run's summary")
-    e.add_argument("--curve-secret", help="this edge's NAME.key_secret (with --server-key)")
-    e.add_argument("--server-key", help="the cloud's NAME.key (public)")
     e.set_defaults(func=_edge)
+
+    r = sub.add_parser("session", help="iterate on a prompt: edge previews, then the cloud refines the last",
+                       description="DiffusionX's prompt session: each prompt typed (or read from --rounds) gets a "
+                                   "preview from the edge model at once; /final (or a {\"final\": true} round) "
+                                   "sends the last preview's clean x_0 and the seed to the cloud, which re-noises "
+                                   "it to --strength and finishes with the final prompt. Images go to --out-dir.")
+    _edge_arguments(r)
+    r.add_argument("--rounds", help="a JSON lines file of rounds: {\"prompt\": ...} a preview, {\"final\": true, "
+                                    "\"prompt\": ..., \"strength\": ...} the end (prompt and strength optional)")
+    r.add_argument("--steps", type=int, default=20, help="the final image's schedule")
+    r.add_argument("--preview-steps", type=int, default=8, help="a preview's schedule")
+    r.add_argument("--strength", default="auto",
+                   help="the share of the final schedule the cloud redoes, or auto: the noise-level predictor's "
+                        "choice for the prompt's change, the cloud's load (its health) and the profiles below")
+    r.add_argument("--from-previous", action="store_true",
+                   help="a round's preview starts from the previous preview re-noised (image-to-image on the edge), "
+                        "not from fresh noise")
+    r.add_argument("--preview-strength", type=float, default=0.6, help="with --from-previous: the share redone")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--guidance", type=float, default=7.5)
+    r.add_argument("--scheduler", default="DDIMScheduler", help="a diffusers scheduler class")
+    r.add_argument("--latent-codec", default="fp16", help="the preview's codec on its way up (fp32, fp16, int8, ...)")
+    r.add_argument("--latent-level", type=int, default=3)
+    r.add_argument("--out-dir", default="session-out", help="round-K.png per preview, final.png")
+    _device_arguments(r)
+    r.add_argument("--json", action="store_true", help="one JSON object per round")
+    _predictor_arguments(r)
+    r.set_defaults(func=_prompt_session)
+
+    n = sub.add_parser("predict-noise", help="the refine strength the noise-level predictor picks, and why",
+                       description="For a preview made with --from and a final prompt --to, at cloud utilisation "
+                                   "--load: each candidate strength's predicted chance that the final shows every "
+                                   "attribute, its latency and cloud GPU-seconds (the cost model), the load term and "
+                                   "the objective (pipelines/diffusionx/predictor.py); the least wins.")
+    n.add_argument("--from", required=True, help="the preview's prompt")
+    n.add_argument("--to", required=True, help="the final prompt")
+    n.add_argument("--load", type=float, default=0.0, help="the cloud's utilisation in [0, 1] (its health says it)")
+    n.add_argument("--steps", type=int, default=20, help="the final's schedule")
+    n.add_argument("--model", help="the edge's diffusers folder, whose text encoder measures the change (default: "
+                                   "the embedded world-sd-edge)")
+    _predictor_arguments(n)
+    n.add_argument("--json", action="store_true", help="print one JSON object")
+    n.set_defaults(func=_predict_noise)
 
     v = sub.add_parser("eval", help="a plan's quality on the procedural world, measured exactly",
                        description="Generate N world prompts with the embedded models under a plan (one process, "
@@ -725,7 +964,8 @@ def build_parser():
     c.set_defaults(func=_profile)
 
     c = sub.add_parser("search", help="search a plan: the least predicted latency within a quality bound",
-                       description="EC-Diff's two-stage greedy search (stage 1 the switch step s, stage 2 p, k and a): "
+                       description="EC-Diff's two-stage greedy search (stage 1 the switch step s, stage 2 p, k and a; "
+                                   "with --spacing a stage 3 on where the cloud's calls fall): "
                                    "candidates in order of predicted latency (the cost model, for the named "
                                    "profiles), each measured on the world (latentwire eval) until one keeps "
                                    "--min-quality of cloud-only's attribute accuracy and Frechet distance; the "
@@ -744,6 +984,20 @@ def build_parser():
     c.add_argument("--forecasters", default="ecdiff",
                    help="what stage 2 searches over: ecdiff (EC-Diff's rule), and/or taylor (latentwire's Taylor "
                         "forecasters, orders 1-3 in t or sigma), comma-separated")
+    c.add_argument("--spacing", action="store_true",
+                   help="stage 3, beyond EC-Diff: where the cloud's calls fall (more forecast steps than stage 2's "
+                        "best, placed evenly, early or late instead of EC-Diff's fixed cycle)")
+    c.add_argument("--no-handoff", action="store_true",
+                   help="stage 1 also tries keeping every step on the cloud, forecasting (no edge steps): beyond "
+                        "EC-Diff, for an edge slower than the cloud")
+    c.add_argument("--cache", help="a JSON file of measurements: read before, written after each one (a search "
+                                   "resumes; a second search over the same candidates measures only what is new)")
+    c.add_argument("--rank-n", type=int, default=8,
+                   help="prompts of the cheap proxy that orders candidates of equal predicted latency (the final "
+                        "latent's distance from cloud-only's; not counted in --budget; 0: none)")
+    c.add_argument("--screen-margin", type=float, default=2.0,
+                   help="skip, unmeasured, a candidate whose proxy is this many times that of a failure at its switch "
+                        "step (0: no screen; the proxy then only orders candidates of equal latency)")
     c.add_argument("--n", type=int, default=32, help="search prompts per measurement")
     c.add_argument("--seed", type=int, help="search prompts' seed (default: pipelines/evaluate.py's EVAL_SEED)")
     c.add_argument("--held-out-seed", type=int, help="the held-out prompts' seed (default: --seed + 1)")

@@ -10,7 +10,8 @@ pulls a multi-GB CUDA build. On a GPU machine install the torch you want first, 
 """
 from setuptools import setup
 
-SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "scheduler.cost", "pipelines", "pipelines.models"]
+SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "scheduler.cost", "pipelines", "pipelines.models",
+               "pipelines.ecdiff", "pipelines.diffusionx"]  # tests/test_package.py checks none is missing
 
 setup(
     name="latentwire",
@@ -22,7 +23,8 @@ setup(
     packages=["latentwire"] + [f"latentwire.{name}" for name in SUBPACKAGES],
     package_dir={"latentwire": "."},
     package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*", "assets/**/*"],
-                  "latentwire.scheduler.cost": ["data/devices/*.json", "data/links/*.json", "data/*.md"]},
+                  "latentwire.scheduler.cost": ["data/devices/*.json", "data/links/*.json", "data/*.md"],
+                  "latentwire.pipelines.diffusionx": ["predictor.json", "PREDICTOR_CARD.md"]},
     install_requires=[
         "torch>=2.1",
         "triton",

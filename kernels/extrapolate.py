@@ -5,7 +5,8 @@ Two forecasters, each a plain frozen dataclass with the same three methods (``is
 in a handoff (protocol's ``history/<i>`` tensors):
 
 - ``ECDiff(p, k, a)``: EC-Diff's rule, as its public code runs it. Steps 0..p-1 call the model; after
-  that one real call every k+1 steps. The slope starts as g = eps_{p-1} - eps_{p-2}; after each later
+  that one real call every k+1 steps (EC-Diff's fixed cycle), or, with k a tuple of gaps, after k[0]
+  skipped steps, then k[1], ... (the last repeating): where the calls fall, beyond EC-Diff. The slope starts as g = eps_{p-1} - eps_{p-2}; after each later
   real call g = a (eps_i - eps_hat_{i-1}) (the real output minus the forecast before it); at a skipped
   step eps_hat_i = eps_{i-1} + g, where eps_{i-1} is the previous output, real or forecast.
 - ``Taylor(order, k, variable)``: the polynomial through the last order+1 *real* outputs at their
@@ -51,8 +52,40 @@ def lagrange_weights(nodes, t):
     return w
 
 
+MAX_GAPS = 64  # a tuple k: at most this many gaps (a plan's segment is at most 10,000 steps; the last repeats)
+
+
 def _every(p, k, i):
-    return i < p or (i + 1 - p) % (k + 1) == 0
+    """Whether step i (counted from the segment's start) calls the model: the first p do; after them one
+    in every k + 1, or, with k a tuple of gaps, the j-th real call after the first p follows k[j] skipped
+    steps (the last gap repeating)."""
+    if i < p:
+        return True
+    if type(k) is int:
+        return (i + 1 - p) % (k + 1) == 0
+    j = p - 1  # the last real call so far
+    for g in k:
+        j += g + 1
+        if j >= i:
+            return j == i
+    return (i - j) % (k[-1] + 1) == 0
+
+
+def _check_k(owner, k):
+    """k: an int >= 0 (a fixed cycle), or a tuple of 1..MAX_GAPS ints >= 0 (uneven spacing) -> k."""
+    if type(k) is int:
+        if k < 0:
+            raise ValueError(f"{owner} k (skipped steps between real calls) must be >= 0, got {k}")
+        return k
+    if type(k) is not tuple or not 1 <= len(k) <= MAX_GAPS or any(type(g) is not int or g < 0 for g in k):
+        raise ValueError(f"{owner} k must be an int >= 0 (skipped steps between real calls) or a tuple of 1.."
+                         f"{MAX_GAPS} such ints (the gaps in turn, the last repeating), got {k!r}")
+    return k
+
+
+def max_gap(k):
+    """The longest run of forecast steps a k allows (what EC-Diff's a * k < 1 bound is about)."""
+    return k if type(k) is int else max(k)
 
 
 @dataclass(frozen=True)
@@ -63,19 +96,17 @@ class ECDiff:
     variable = "t"  # the rule counts steps; the value it is given is only kept
 
     p: int = 3
-    k: int = 1
+    k: int = 1  # or a tuple of gaps: see _every
     a: float = 1.0
 
     def __post_init__(self):
-        for name in ("p", "k"):
-            if type(getattr(self, name)) is not int:
-                raise ValueError(f"ECDiff {name} must be an int, got {getattr(self, name)!r}")
+        if type(self.p) is not int:
+            raise ValueError(f"ECDiff p must be an int, got {self.p!r}")
+        _check_k("ECDiff", self.k)
         if type(self.a) not in (int, float) or not math.isfinite(self.a):
             raise ValueError(f"ECDiff a (slope scale) must be a finite number, got {self.a!r}")
         if self.p < 2:
             raise ValueError(f"ECDiff needs p >= 2 real steps to measure a first slope, got p={self.p}")
-        if self.k < 0:
-            raise ValueError(f"ECDiff k (skipped steps between real calls) must be >= 0, got {self.k}")
 
     def is_real(self, i):
         return _every(self.p, self.k, i)
@@ -102,17 +133,15 @@ class Taylor:
     (variable="t") or in noise level (variable="sigma")."""
 
     order: int = 1
-    k: int = 1
+    k: int = 1  # or a tuple of gaps: see _every
     variable: str = "t"
 
     def __post_init__(self):
-        for name in ("order", "k"):
-            if type(getattr(self, name)) is not int:
-                raise ValueError(f"Taylor {name} must be an int, got {getattr(self, name)!r}")
+        if type(self.order) is not int:
+            raise ValueError(f"Taylor order must be an int, got {self.order!r}")
         if not 1 <= self.order <= MAX_ORDER:
             raise ValueError(f"Taylor order must be in 1..{MAX_ORDER}, got {self.order}")
-        if self.k < 0:
-            raise ValueError(f"Taylor k (skipped steps between real calls) must be >= 0, got {self.k}")
+        _check_k("Taylor", self.k)
         if self.variable not in VARIABLES:
             raise ValueError(f"Taylor variable must be one of {VARIABLES}, got {self.variable!r}")
 

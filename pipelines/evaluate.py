@@ -62,12 +62,12 @@ def score(images, scenes, seed=EVAL_SEED):
 
 
 @torch.no_grad()
-def evaluate_plan(plan, models, n=256, seed=EVAL_SEED, guidance=EVAL_GUIDANCE, progress=None):
-    """Generate the n prompts with ``plan`` and score them (see the module docstring) -> dict."""
+def generate(plan, models, n=256, seed=EVAL_SEED, guidance=EVAL_GUIDANCE, progress=None):
+    """The final latents of the n prompts with ``plan`` -> (latents (n, C, H, W), scenes, cloud calls, edge
+    calls), the calls summed over the prompts."""
     scenes = world.sample_scenes(n, seed)
     latents, cloud_calls, edge_calls = [], 0, 0
     scheduler = models["cloud"].make_scheduler()
-    start = time.perf_counter()
     for k, scene in enumerate(scenes):
         x, summary = run_plan(session(scheduler, plan, scene, k, seed, guidance), models)
         latents.append(x)
@@ -75,7 +75,22 @@ def evaluate_plan(plan, models, n=256, seed=EVAL_SEED, guidance=EVAL_GUIDANCE, p
         edge_calls += summary.edge_model_calls
         if progress is not None:
             progress(k + 1, n)
+    return torch.cat(latents), scenes, cloud_calls, edge_calls
+
+
+def latent_distance(latents, reference):
+    """The mean over prompts of ||x - x_ref|| / ||x_ref||: how far a plan's final latents are from a
+    reference's on the same prompts and noise (the search's cheap proxy for quality lost; no judge)."""
+    diff = (latents - reference).flatten(1).norm(dim=1)
+    return float((diff / reference.flatten(1).norm(dim=1).clamp_min(1e-12)).mean())
+
+
+@torch.no_grad()
+def evaluate_plan(plan, models, n=256, seed=EVAL_SEED, guidance=EVAL_GUIDANCE, progress=None):
+    """Generate the n prompts with ``plan`` and score them (see the module docstring) -> dict."""
+    start = time.perf_counter()
+    latents, scenes, cloud_calls, edge_calls = generate(plan, models, n, seed, guidance, progress)
     wall = time.perf_counter() - start
-    images = to_pixels(models["edge"], torch.cat(latents))
+    images = to_pixels(models["edge"], latents)
     return {"plan": plan.name, "steps": plan.num_steps, "n": n, **score(images, scenes, seed),
             "cloud_model_calls": cloud_calls / n, "edge_model_calls": edge_calls / n, "wall_s": round(wall, 2)}

@@ -46,6 +46,7 @@ from .segments import SegmentRun
 CACHE_ENTRIES = 64  # prompts' text embeddings, and schedules' samplers, the engine keeps
 BATCH_HISTORY = 1000  # a daemon runs for weeks: keep the latest group sizes only
 IDLE_WAIT_S = 0.1  # how long run_forever sleeps on an empty queue before it looks at its stop flag
+LOAD_WINDOW_S = 10.0  # utilisation: the share of the latest this-many seconds the engine spent computing
 log = logging.getLogger("latentwire.cloud")
 
 
@@ -106,6 +107,9 @@ class CloudEngine:
         self._stopping = False
         self._conditioning, self._samplers = {}, {}
         self._started = time.monotonic()
+        self._busy = deque()  # (start, end) of the turns that computed, the latest LOAD_WINDOW_S of them
+        self.metrics.queued.set_function(lambda: self.load().queued)
+        self.metrics.utilisation.set_function(lambda: self.load().utilisation)
 
     # -- any thread ---------------------------------------------------------------------------------------
 
@@ -153,11 +157,22 @@ class CloudEngine:
         return self._stopping
 
     def health(self):
+        load = self.load()
+        return wire.Health("stopping" if self._stopping else "ok", load.queued + load.running, load.running,
+                           self.worker, self.max_batch, round(time.monotonic() - self._started, 3), load.queued,
+                           load.utilisation)
+
+    def load(self):
+        """-> wire.Load: sessions admitted and not yet stepping, those stepping, and the share of the last
+        LOAD_WINDOW_S seconds (or of the uptime, if shorter) spent in turns that computed."""
+        now = time.monotonic()
         with self._lock:
-            jobs = self._admitted
-        running = sum(1 for s in list(self._active) if s.ticket.started is not None)
-        return wire.Health("stopping" if self._stopping else "ok", jobs, running, self.worker, self.max_batch,
-                           round(time.monotonic() - self._started, 3))
+            jobs, busy = self._admitted, list(self._busy)
+        running = min(jobs, sum(1 for s in list(self._active) if s.ticket.started is not None))
+        since = now - LOAD_WINDOW_S
+        spent = sum(end - max(start, since) for start, end in busy if end > since)
+        window = min(LOAD_WINDOW_S, now - self._started)
+        return wire.Load(jobs - running, running, round(min(1.0, spent / window), 4) if window > 0 else 0.0)
 
     # -- the stepping thread ------------------------------------------------------------------------------
 
@@ -218,18 +233,25 @@ class CloudEngine:
                 s.ticket.started = now
                 self.metrics.queue_wait.observe(now - s.ticket.admitted)
         real = [s for s in group if s.run.wants_model]
-        for s in group:
-            if not s.run.wants_model:
-                self._advance(s)
-        if real:
-            self._forward(real)
-        for s in group:
-            if s.run.done and not s.ticket.done:
-                if torch.isfinite(s.run.x).all():
-                    self._end(s, "finished", self._handoff(s))
-                else:  # nothing could decode it, nor continue from it
-                    self._end(s, "error", wire.Error("model", "the session's latent is no longer finite (NaN or "
-                                                              "inf) at its handoff: its inputs or plan diverged"))
+        try:
+            for s in group:
+                if not s.run.wants_model:
+                    self._advance(s)
+            if real:
+                self._forward(real)
+            for s in group:
+                if s.run.done and not s.ticket.done:
+                    if torch.isfinite(s.run.x).all():
+                        self._end(s, "finished", self._handoff(s))
+                    else:  # nothing could decode it, nor continue from it
+                        self._end(s, "error", wire.Error("model", "the session's latent is no longer finite (NaN "
+                                                                  "or inf) at its handoff: its inputs or plan diverged"))
+        finally:  # the time this turn computed: the utilisation every reply reports
+            end = time.monotonic()
+            with self._lock:
+                self._busy.append((now, end))
+                while self._busy and self._busy[0][1] < end - LOAD_WINDOW_S:
+                    self._busy.popleft()
         return 0.0
 
     def _wait_for_company(self, group, now):
@@ -375,7 +397,7 @@ class CloudEngine:
         timesteps = run.sampler.timesteps
         timestep = float(timesteps[step]) if step < len(timesteps) else -1.0  # -1: the schedule is done
         return wire.Handoff(run.x, step, timestep, spec.seed, run.state if send_state else None,
-                            run.calls, run.forecasts, self.worker)
+                            run.calls, run.forecasts, self.worker, self.load())
 
     def _end(self, s, outcome, event, opened=True):
         ticket = s.ticket

@@ -17,6 +17,9 @@ class Metrics:
         self.sessions = Counter("latentwire_sessions", "run requests that ended, by outcome",
                                 ["outcome"], registry=r)
         self.active = Gauge("latentwire_sessions_active", "run requests queued or running", registry=r)
+        self.queued = Gauge("latentwire_sessions_queued", "run requests admitted and not yet stepping", registry=r)
+        self.utilisation = Gauge("latentwire_utilisation", "share of the last 10 s the engine spent computing",
+                                 registry=r)
         self.steps = Counter("latentwire_steps", "denoising steps run, by kind", ["kind"], registry=r)
         self.batch_rows = Histogram("latentwire_batch_rows", "sessions sharing one model forward",
                                     buckets=BATCH_BUCKETS, registry=r)

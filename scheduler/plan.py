@@ -26,6 +26,7 @@ MAX_PARAMS = 16
 MAX_NAME_CHARS = 64
 MAX_FORECAST_ARGS = 3  # ("taylor", order, k, variable)
 MAX_FORECAST_VALUE = 1e6
+MAX_GAPS = 64  # kernels.extrapolate.MAX_GAPS: a forecaster's k as a list of gaps (uneven spacing)
 
 
 class PlanError(ValueError):
@@ -35,7 +36,8 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Segment:
     """Steps [start, stop) run by ``side``. forecast: () for a model call at every step, or
-    ("ecdiff", p, k, a) / ("taylor", order, k). renoise: the segment first re-noises the latent it
+    ("ecdiff", p, k, a) / ("taylor", order, k, variable), k an int (one real call every k + 1 steps) or a
+    tuple of gaps (where the calls fall: kernels.extrapolate). renoise: the segment first re-noises the latent it
     receives (taken as a clean x_0) to the noise level of step ``start`` (preview-refine)."""
 
     side: str
@@ -79,7 +81,8 @@ class Plan:
     def to_plain(self):
         """The plan as msgpack-native values: what travels inside a session."""
         return {"name": self.name, "num_steps": self.num_steps, "params": dict(self.params),
-                "segments": [[s.side, s.start, s.stop, list(s.forecast), s.renoise] for s in self.segments]}
+                "segments": [[s.side, s.start, s.stop, [list(v) if type(v) is tuple else v for v in s.forecast],
+                              s.renoise] for s in self.segments]}
 
     @classmethod
     def from_plain(cls, d, field="plan", max_steps=MAX_STEPS):
@@ -98,12 +101,15 @@ class Plan:
         for j, seg in enumerate(need_list(f"{field}.segments", d["segments"], MAX_SEGMENTS, 1)):
             where = f"{field}.segments.{j}"
             side, start, stop, fc, renoise = need_list(where, seg, 5, 5)
-            fc = need_list(f"{where}.forecast", fc, 1 + MAX_FORECAST_ARGS)
+            fc = list(need_list(f"{where}.forecast", fc, 1 + MAX_FORECAST_ARGS))  # a copy: a gap list becomes a tuple
             if fc:
                 need_str(f"{where}.forecast.0", fc[0], MAX_NAME_CHARS, FORECASTERS)
                 for k, v in enumerate(fc[1:], 1):
                     if type(v) is str:
                         need_str(f"{where}.forecast.{k}", v, MAX_NAME_CHARS)
+                    elif type(v) is list:  # uneven spacing: the gaps between real calls (kernels.extrapolate)
+                        fc[k] = tuple(need_int(f"{where}.forecast.{k}.{g}", x, 0, MAX_STEPS)
+                                      for g, x in enumerate(need_list(f"{where}.forecast.{k}", v, MAX_GAPS, 1)))
                     else:
                         need_number(f"{where}.forecast.{k}", v, -MAX_FORECAST_VALUE, MAX_FORECAST_VALUE)
             segments.append(Segment(need_str(f"{where}.side", side, MAX_NAME_CHARS, SIDES),
@@ -217,7 +223,12 @@ def ec_diff(num_steps, p=None, k=None, a=None, s=None, preset="sd"):
     s = min(max(round(d["s"] * scale), p), num_steps - 1) if s is None else s
     _steps(num_steps, "ec-diff s (switch step)", s, max(p, 1), num_steps - 1)
     return Plan("ec-diff", num_steps, (Segment("cloud", 0, s, ("ecdiff", p, k, a)), Segment("edge", s, num_steps)),
-                {"p": p, "k": k, "a": a, "s": s})
+                {"p": p, "k": gaps_text(k), "a": a, "s": s})
+
+
+def gaps_text(k):
+    """A forecaster's k as a plan parameter (a scalar): the int, or uneven gaps as "1,2,3"."""
+    return ",".join(map(str, k)) if type(k) is tuple else k
 
 
 def preview_refine(num_steps, strength=0.5):

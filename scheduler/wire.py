@@ -5,15 +5,15 @@
                              seed) and the solver state, solver/<name> (x0_prev, ets.0.., sample)
     edge -> cloud   cancel   Cancel: drop the request with this id at its next step boundary (no reply)
     edge -> cloud   health   HealthRequest -> Health
-    cloud -> edge   beat     Beat: step, running; every heartbeat interval while the request is queued or
-                             running, whether or not a step ends meanwhile
+    cloud -> edge   beat     Beat: step, running, load (Load: queued, running, utilisation); every heartbeat
+                             interval while the request is queued or running, whether or not a step ends
     cloud -> edge   preview  Preview: step, worker (pid); tensor latent (every `preview_every` steps)
     cloud -> edge   handoff  Handoff: the protocol's own handoff message (SPEC.md section 10): latent,
                              solver/<name>, step_index, timestep, seed; extra: model_calls, forecast_steps,
-                             worker
+                             worker, load
     cloud -> edge   error    Error: code (refused | limit | busy | deadline | model | unavailable), message,
                              field (the offending field's dotted path, or nil)
-    cloud -> edge   health   Health: status, jobs, running, pid, max_batch, uptime_s
+    cloud -> edge   health   Health: status, jobs, running, pid, max_batch, uptime_s, queued, utilisation
 
 Every message is [request id] + protocol frames, so replies can be matched to requests on a DEALER/ROUTER
 pair. Only msgpack and raw tensor frames cross: no pickle. Each kind is a dataclass; ``parse_request`` and
@@ -147,12 +147,34 @@ def parse_request(frames, limits=None, max_steps=MAX_STEPS):
 # -- replies --------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class Load:
+    """The cloud's load, with every beat and handoff and in health: sessions admitted and waiting for their
+    first step (queued), sessions stepping (running), and the share of the last LOAD_WINDOW_S seconds its
+    engine (scheduler/engine.py) spent computing (utilisation, 0..1). What an edge reads to decide how much to ask of the cloud."""
+
+    queued: int = 0
+    running: int = 0
+    utilisation: float = 0.0
+
+    def to_plain(self):
+        return {"queued": self.queued, "running": self.running, "utilisation": self.utilisation}
+
+    @classmethod
+    def from_plain(cls, field, d):
+        need_map(field, d, 3, required=("queued", "running", "utilisation"))
+        return cls(need_int(f"{field}.queued", d["queued"], 0), need_int(f"{field}.running", d["running"], 0),
+                   need_number(f"{field}.utilisation", d["utilisation"], 0.0, 1.0))
+
+
+@dataclass(frozen=True)
 class Beat:
     step: int
     running: bool = True  # False: still queued
+    load: Load = Load()
 
     def to_frames(self, codecs=None):
-        return encode_message({}, {"kind": "beat", "step": self.step, "running": self.running})
+        return encode_message({}, {"kind": "beat", "step": self.step, "running": self.running,
+                                   "load": self.load.to_plain()})
 
 
 @dataclass(frozen=True)
@@ -178,12 +200,13 @@ class Handoff:
     model_calls: int = 0
     forecast_steps: int = 0
     worker: int = 0
+    load: Load = Load()
 
     def to_frames(self, codecs):
         h = ProtocolHandoff(latent=self.latent, step_index=self.step_index, timestep=float(self.timestep),
                             seed=self.seed, solver_state={} if self.state is None else _wire_tensors(self.state),
                             extra={"model_calls": self.model_calls, "forecast_steps": self.forecast_steps,
-                                   "worker": self.worker})
+                                   "worker": self.worker, "load": self.load.to_plain()})
         return encode_handoff(h, latent_codec=codecs.latent, state_codec=codecs.state)
 
 
@@ -206,9 +229,15 @@ class Health:
     pid: int
     max_batch: int
     uptime_s: float
+    queued: int = 0  # as in Load: jobs = queued + running
+    utilisation: float = 0.0
 
     def to_frames(self, codecs=None):
         return encode_message({}, {"kind": "health", **self.__dict__})
+
+    @property
+    def load(self):
+        return Load(self.queued, self.running, self.utilisation)
 
 
 def parse_reply(frames, limits=None):
@@ -216,7 +245,7 @@ def parse_reply(frames, limits=None):
     kind = _peek_kind(frames, limits)
     if kind == "handoff":
         h = decode_handoff(frames, limits=limits) if limits is not None else decode_handoff(frames)
-        extra = need_map("extra", h.extra, 3, required=("model_calls", "forecast_steps", "worker"))
+        extra = need_map("extra", h.extra, 4, required=("model_calls", "forecast_steps", "worker", "load"))
         if h.history:
             raise FieldError("tensors.history", len(h.history), "no forecaster history (none travels in a handoff)")
         state = _state({SOLVER + k: v for k, v in h.solver_state.items()}, with_latent=False)
@@ -224,12 +253,13 @@ def parse_reply(frames, limits=None):
                        need_int("seed", h.seed, 0), state,
                        need_int("extra.model_calls", extra["model_calls"], 0, MAX_STEPS),
                        need_int("extra.forecast_steps", extra["forecast_steps"], 0, MAX_STEPS),
-                       need_int("extra.worker", extra["worker"], 0))
+                       need_int("extra.worker", extra["worker"], 0), Load.from_plain("extra.load", extra["load"]))
     m = _decode(frames, limits)
     meta = m.meta
     if kind == "beat":
-        need_map("meta", meta, 3, required=("kind", "step", "running"))
-        return Beat(need_int("step", meta["step"], 0, MAX_STEPS), need_bool("running", meta["running"]))
+        need_map("meta", meta, 4, required=("kind", "step", "running", "load"))
+        return Beat(need_int("step", meta["step"], 0, MAX_STEPS), need_bool("running", meta["running"]),
+                    Load.from_plain("load", meta["load"]))
     if kind == "preview":
         need_map("meta", meta, 3, required=("kind", "step", "worker"))
         if set(m.tensors) != {LATENT}:
@@ -242,11 +272,12 @@ def parse_reply(frames, limits=None):
         return Error(need_str("code", meta["code"], 16, CODES), need_str("message", meta["message"], MAX_TEXT_CHARS),
                      None if f is None else need_str("field", f, 256))
     if kind == "health":
-        names = ("kind", "status", "jobs", "running", "pid", "max_batch", "uptime_s")
+        names = ("kind", "status", "jobs", "running", "pid", "max_batch", "uptime_s", "queued", "utilisation")
         need_map("meta", meta, len(names), required=names)
         return Health(need_str("status", meta["status"], 16), need_int("jobs", meta["jobs"], 0),
                       need_int("running", meta["running"], 0), need_int("pid", meta["pid"], 0),
-                      need_int("max_batch", meta["max_batch"], 1), need_number("uptime_s", meta["uptime_s"], 0.0))
+                      need_int("max_batch", meta["max_batch"], 1), need_number("uptime_s", meta["uptime_s"], 0.0),
+                      need_int("queued", meta["queued"], 0), need_number("utilisation", meta["utilisation"], 0.0, 1.0))
     raise FieldError("kind", kind, f"one of {', '.join(REPLIES)} (the cloud's replies)")
 
 

@@ -10,7 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from latentwire.pipelines.ecdiff import SearchError, search, share
-from latentwire.pipelines.ecdiff.search import A_GRID, K_GRID, P_OFFSETS
+from latentwire.kernels.extrapolate import max_gap
+from latentwire.pipelines.ecdiff.cache import Cache
+from latentwire.pipelines.ecdiff.search import A_GRID, K_GRID, P_OFFSETS, PLACEMENTS, SCREEN_MARGIN, placed_gaps
 from latentwire.scheduler import Plan, make
 from latentwire.scheduler.plan import EC_DIFF_PRESETS, PlanError, ec_diff
 
@@ -58,7 +60,7 @@ def fake_judge(log):
         cloud, forecast, edge = counts(plan)
         # quality falls with forecast steps (more the larger a * k) and with edge steps
         fc = plan.segments[0].forecast
-        loss = 0.001 * forecast * (1 + (fc[2] * fc[3] if fc else 0)) + 0.003 * edge
+        loss = 0.001 * forecast * (1 + (max_gap(fc[2]) * fc[3] if fc else 0)) + 0.003 * edge
         return {"attribute_accuracy": 1.0 - loss, "frechet_distance": 100.0 * (1 + loss)}
     return judge
 
@@ -124,13 +126,18 @@ def run(*args):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def profiles(folder):
+    """(cloud, edge, link) profile paths: a fast cloud, a slower edge, a link."""
+    link = folder / "link.json"
+    link.write_text(json.dumps({"name": "l", "up_mbit_s": 10.0, "down_mbit_s": 50.0, "rtt_ms": 40.0,
+                                "sources": {k: "test fixture" for k in ("up_mbit_s", "down_mbit_s", "rtt_ms")}}))
+    return profile(folder, "big@gpu", 0.01), profile(folder, "small@phone", 0.05), link
+
+
 def test_search_writes_a_plan_that_eval_and_cost_run(tmp_path):
     # the plumbing, end to end, at a size a test affords: 8 world steps with forecasting are far below
     # cloud-only (a share of about 0.03), so the bound is low; the search's own logic is tested above
-    cloud, edge = profile(tmp_path, "big@gpu", 0.01), profile(tmp_path, "small@phone", 0.05)
-    link = tmp_path / "link.json"
-    link.write_text(json.dumps({"name": "l", "up_mbit_s": 10.0, "down_mbit_s": 50.0, "rtt_ms": 40.0,
-                                "sources": {k: "test fixture" for k in ("up_mbit_s", "down_mbit_s", "rtt_ms")}}))
+    cloud, edge, link = profiles(tmp_path)
     out = tmp_path / "plan.json"
     r = run("search", "--cloud-device", cloud, "--edge-device", edge, "--link", str(link), "--steps", "8", "--n", "3",
             "--budget", "6", "--min-quality", "0.02", "--confirm-n", "4", "--threads", "1", "--out", str(out),
@@ -239,3 +246,130 @@ def test_a_split_slower_than_cloud_only_gives_way_to_cloud_only():
     result = search(20, slow_edge, judge, min_quality=0.95, budget=400)
     assert result.plan == make("cloud-only", 20) and result.trial.share == 1.0 and result.trial.stage == 0
     assert any(t.plan.params.get("k") == 0 and t.share >= 0.95 for t in result.trials)  # found, and slower
+
+
+# -- beyond EC-Diff: where the cloud's calls fall, no handoff, a cheap proxy, a cache ---------------------
+
+@pytest.mark.parametrize("power", sorted(PLACEMENTS.values()))
+@pytest.mark.parametrize("forecasts", [1, 4, 9])
+def test_placed_gaps_put_that_many_forecasts_after_the_warmup(power, forecasts):
+    gaps = placed_gaps(3, 15, forecasts, power)
+    plan = ec_diff(20, p=3, k=gaps, a=0.1, s=15)
+    labels = [label for _, label in plan.labels()][:15]
+    assert labels[:3] == ["cloud"] * 3 and labels.count("forecast") == forecasts
+    assert placed_gaps(3, 15, 12, power) is None and placed_gaps(3, 15, 0, power) is None  # no real call left
+
+
+def test_early_and_late_placements_put_the_forecasts_early_and_late():
+    where = {name: [i for i, label in ec_diff(20, p=3, k=placed_gaps(3, 15, 4, power), a=0.1, s=15).labels()
+                    if label == "forecast"] for name, power in PLACEMENTS.items()}
+    assert sum(where["early"]) < sum(where["even"]) < sum(where["late"])
+
+
+def test_stage_three_finds_fewer_calls_placed_where_they_matter():
+    base = fake_judge([])
+
+    def judge(plan):  # a forecast before step 8 costs nothing, after it any is too many; so are 9 edge steps
+        late = [i for i, label in plan.labels() if label == "forecast" and i >= 8]
+        bad = late or counts(plan)[2] > 8
+        return {"attribute_accuracy": 0.5, "frechet_distance": 1e4} if bad else base(plan)
+
+    # every fixed cycle forecasts to the handoff, so EC-Diff's search finds no forecasting that passes
+    fixed = search(20, fast_edge_cost, judge, min_quality=0.95, budget=400)
+    assert counts(fixed.plan)[1] == 0
+    placed = search(20, fast_edge_cost, judge, min_quality=0.95, budget=400, spacing=True)
+    assert (placed.trial.latency_s, placed.trial.cloud_gpu_s) < (fixed.trial.latency_s, fixed.trial.cloud_gpu_s)
+    assert placed.trial.stage == 3 and type(placed.plan.segments[0].forecast[2]) is tuple
+    assert counts(placed.plan)[1] > counts(fixed.plan)[1]  # more forecast steps, all early
+    assert all(i < 8 for i, label in placed.plan.labels() if label == "forecast")
+    assert Plan.from_plain(json.loads(json.dumps(placed.plan.to_plain()))) == placed.plan  # a plan file
+
+
+def test_the_proxy_orders_equal_latency_candidates_and_costs_no_measurement():
+    base = fake_judge([])
+    ranked = []
+
+    def rank(plan):  # a proxy that knows: forecasts before step 8 (the judge's failures), then the later the better
+        ranked.append(plan)
+        where = [i for i, label in plan.labels() if label == "forecast"]
+        return sum(i < 8 for i in where) - 0.001 * sum(where)
+
+    def judge(plan):  # and it is: a forecast before step 8 fails, and so do 9 edge steps
+        early = [i for i, label in plan.labels() if label == "forecast" and i < 8]
+        bad = early or counts(plan)[2] > 8
+        return {"attribute_accuracy": 0.5, "frechet_distance": 1e4} if bad else base(plan)
+
+    plain = search(20, fast_edge_cost, judge, min_quality=0.95, budget=400, spacing=True)
+    guided = search(20, fast_edge_cost, judge, min_quality=0.95, budget=400, spacing=True, rank=rank)
+    assert guided.plan == plain.plan and guided.trial.stage == 3
+    assert guided.evaluations < plain.evaluations and ranked  # the proxy put the passing placement first
+    assert len(ranked) == len({p.segments for p in ranked})   # each candidate ranked once
+
+
+def test_without_a_handoff_the_cloud_may_forecast_to_the_end():
+    def slow_edge(plan):  # as on the published profiles: an edge step costs more than a cloud step
+        c = fake_cost(plan)
+        return SimpleNamespace(latency_s=c.latency_s + (0.5 if counts(plan)[2] else 0), cloud_gpu_s=c.cloud_gpu_s)
+
+    base = fake_judge([])
+    result = search(20, slow_edge, base, min_quality=0.95, budget=400, handoff_optional=True)
+    assert result.plan.name == "cloud-forecast" and result.plan.params["s"] == 20 and counts(result.plan)[2] == 0
+    assert counts(result.plan)[1] > 0 and result.trial.latency_s < slow_edge(make("cloud-only", 20)).latency_s
+    assert Plan.from_plain(result.plan.to_plain()) == result.plan
+    assert search(20, slow_edge, base, min_quality=0.95, budget=400).plan.name != "cloud-forecast"
+
+
+def test_the_cache_answers_what_it_measured_and_survives_a_restart(tmp_path):
+    path = str(tmp_path / "cache.json")
+    calls = []
+    cache = Cache(path)
+    plan = make("ec-diff", 20)
+    first = cache.measure("quality", plan, lambda: calls.append(1) or {"attribute_accuracy": 0.9}, n=8, seed=1)
+    again = Cache(path).measure("quality", plan, lambda: calls.append(1) or {}, n=8, seed=1)
+    assert first == again == {"attribute_accuracy": 0.9} and len(calls) == 1
+    Cache(path).measure("quality", plan, lambda: calls.append(1) or {}, n=9, seed=1)  # another key: measured
+    Cache(path).measure("quality", make("ec-diff", 20, s=12), lambda: calls.append(1) or {}, n=8, seed=1)
+    assert len(calls) == 3
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a measurement cache"):
+        Cache(str(tmp_path / "bad.json"))
+
+
+def test_a_second_search_over_the_same_candidates_measures_nothing_new(tmp_path):
+    cloud, edge, link = profiles(tmp_path)
+    cache = tmp_path / "cache.json"
+    args = ["search", "--cloud-device", cloud, "--edge-device", edge, "--link", str(link), "--steps", "8", "--n", "2",
+            "--budget", "4", "--min-quality", "0.01", "--confirm-n", "0", "--threads", "1", "--rank-n", "1",
+            "--spacing", "--no-handoff", "--forecasters", "ecdiff,taylor", "--cache", str(cache), "--json"]
+    first = run(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert a["cache_hits"] == 0 and b["cache_hits"] >= a["evaluations"] + 2  # + the held-out pair
+    assert {k: v for k, v in a.items() if k != "cache_hits"} == {k: v for k, v in b.items() if k != "cache_hits"}
+    assert a["spacing"] and a["no_handoff"] and a["rank_n"] == 1
+
+
+def test_a_candidate_much_farther_than_a_failure_at_its_switch_step_is_screened_unmeasured():
+    base = fake_judge([])
+
+    def judge(plan):  # forecasting with EC-Diff's rule fails beyond k = 1
+        fc = plan.segments[0].forecast
+        return {"attribute_accuracy": 0.5, "frechet_distance": 1e4} if fc and max_gap(fc[2]) > 1 else base(plan)
+
+    def rank(plan):  # the proxy grows with the longest run of forecasts, as the quality loss does
+        fc = plan.segments[0].forecast
+        return max_gap(fc[2]) * (1 + fc[3]) if fc and fc[0] == "ecdiff" else 0.0
+
+    plain = search(20, fake_cost, judge, min_quality=0.95, budget=400)
+    screened = search(20, fake_cost, judge, min_quality=0.95, budget=400, rank=rank)
+    assert screened.plan == plain.plan and screened.evaluations < plain.evaluations
+    skipped = [t for t in screened.trials if t.screened]
+    assert skipped and all(t.quality is None and t.share is None and t.proxy is not None for t in skipped)
+    for t in skipped:  # each was at least SCREEN_MARGIN times as far as a measured failure at its switch step
+        assert any(f.share is not None and f.share < 0.95 and f.plan.params["s"] == t.plan.params["s"]
+                   and SCREEN_MARGIN * f.proxy <= t.proxy for f in screened.trials)
+    assert all(t["screened"] in (True, False) for t in screened.to_plain()["trials"])
+    off = search(20, fake_cost, judge, min_quality=0.95, budget=400, rank=rank, screen_margin=0)
+    assert off.plan == plain.plan and not any(t.screened for t in off.trials)  # the proxy then only orders ties

@@ -77,6 +77,28 @@ def test_the_engine_serves_sessions_from_python_and_a_group_of_one_equals_one_pr
     assert engine.health().jobs == 0
 
 
+def test_the_engine_reports_its_queue_and_utilisation_with_each_handoff_and_in_health(models):
+    cloud = models["cloud"]
+    engine = CloudEngine(cloud, max_batch=1)
+    idle = engine.health()
+    assert (idle.queued, idle.running, idle.utilisation) == (0, 0, 0.0)
+    events = [[] for _ in range(3)]
+    for k, out in enumerate(events):
+        engine.submit(_run(cloud, _spec(cloud, make("cloud-only", 4), seed=k)), out.append)
+    assert engine.load() == wire.Load(queued=3, running=0, utilisation=0.0)  # admitted, none stepped yet
+    engine.turn()  # the first session's first step: it runs, the other two wait (max_batch 1)
+    load = engine.load()
+    assert (load.queued, load.running) == (2, 1) and 0 < load.utilisation <= 1
+    assert engine.health().jobs == 3 and engine.health().load.queued == 2
+    _drain(engine)
+    handoffs = [out[-1] for out in events]
+    assert [h.load.queued for h in handoffs] == [2, 1, 0]  # each saw those still behind it
+    assert all(h.load.running == 1 and 0 < h.load.utilisation <= 1 for h in handoffs)
+    assert wire.parse_reply(handoffs[0].to_frames(EXACT)).load == handoffs[0].load  # it travels
+    assert engine.metrics.registry.get_sample_value("latentwire_sessions_queued") == 0
+    assert 0 < engine.metrics.registry.get_sample_value("latentwire_utilisation") <= 1
+
+
 def test_batched_sessions_with_forecasts_and_restarts_equal_their_solo_runs(models):
     cloud = models["cloud"]
     specs = [_spec(cloud, make("cloud-only", 8), "a red circle", 1),

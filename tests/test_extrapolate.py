@@ -57,6 +57,16 @@ def test_ecdiff_matches_its_public_loop(p, k, a, backend, clip_sample):
 
 def test_ecdiff_schedule():
     assert [ECDiff(3, 2).is_real(i) for i in range(12)] == [1, 1, 1, 0, 0, 1, 0, 0, 1, 0, 0, 1]
+    # uneven spacing: gaps in turn, the last repeating; a one-gap tuple is EC-Diff's fixed cycle
+    assert [ECDiff(3, (2,)).is_real(i) for i in range(12)] == [ECDiff(3, 2).is_real(i) for i in range(12)]
+    assert [i for i in range(16) if ECDiff(2, (0, 1, 3, 2)).is_real(i)] == [0, 1, 2, 4, 8, 11, 14]
+    assert [i for i in range(8) if Taylor(2, (1, 0)).is_real(i)] == [0, 1, 2, 4, 5, 6, 7]
+    assert ECDiff(3, (1, 2)) == ECDiff(3, (1, 2)) and hash(ECDiff(3, (1, 2))) == hash(ECDiff(3, (1, 2)))
+    for bad in ((), (1, -1), (1, 2.0), [1, 2], (0,) * 65, True):
+        with pytest.raises(ValueError, match="k must be an int"):
+            ECDiff(3, bad)
+        with pytest.raises(ValueError, match="k must be an int"):
+            Taylor(1, bad)
     with pytest.raises(ValueError, match="p >= 2"):
         ECDiff(p=1)
     with pytest.raises(ValueError, match="k"):

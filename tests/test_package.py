@@ -75,6 +75,11 @@ def test_a_real_install_holds_only_latentwire(target_install):
             "latentwire/protocol/vectors.json", "latentwire/cli.py"} <= set(record)
     assert not any(r.startswith(("latentwire/tests/", "latentwire/bench/")) or r == "latentwire/setup.py"
                    for r in record)
+    # every package of the checkout is installed (a subpackage setup.py forgot would import only in place)
+    packages = {"latentwire/" + str(p.relative_to(REPO)) for p in REPO.rglob("__init__.py")
+                if p.parts[len(REPO.parts)] not in ("tests", "bench", ".venv", "build", ".git")}
+    assert packages <= set(record), packages - set(record)
+    assert "latentwire/pipelines/diffusionx/predictor.json" in record  # the predictor's weights travel
     # the embedded models and the judge travel with the package: the daemons and the demo load them
     assets = "latentwire/pipelines/assets/"
     shipped = {str(p.relative_to(REPO / "pipelines" / "assets")) for p in (REPO / "pipelines" / "assets").rglob("*")

@@ -5,6 +5,7 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestral
 
 from latentwire.kernels import FusedSampler
 from latentwire.scheduler import Plan, PlanError, Segment, SessionSpec, make, run_plan
+from latentwire.scheduler.fields import FieldError
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
@@ -43,12 +44,27 @@ def test_built_in_plans_and_their_labels():
 
 
 @pytest.mark.parametrize("name, params", [("cloud-only", {}), ("ec-diff", {"p": 3, "k": 2, "a": 0.4, "s": 9}),
+                                          ("ec-diff", {"p": 2, "k": (0, 2, 1), "a": 0.3, "s": 10}),
                                           ("preview-refine", {"strength": 0.3})])
 def test_plans_round_trip_through_msgpack(name, params):
     plan = make(name, 12, **params)
     assert Plan.from_msgpack(plan.to_msgpack()) == plan
     s = spec(plan)
     assert SessionSpec.from_msgpack(s.to_msgpack()) == s
+
+
+def test_uneven_spacing_is_a_plan_of_its_own_with_its_gaps_checked_field_by_field():
+    plan = make("ec-diff", 12, p=2, k=(0, 2, 1), a=0.3, s=10)
+    assert str(plan).endswith("[CCCffCfCfC | EE]") and plan.params["k"] == "0,2,1"
+    plain = plan.to_plain()
+    assert plain["segments"][0][3] == ["ecdiff", 2, [0, 2, 1], 0.3]  # msgpack- and JSON-native
+    assert Plan.from_plain(plain) == plan
+    for gaps, field in (([0, "2"], "forecast.2.1"), ([0, -1], "forecast.2.1"), ([], "forecast.2"),
+                        ([0] * 65, "forecast.2"), ([0, [1]], "forecast.2.1"), ([0, 2.5], "forecast.2.1")):
+        bad = {**plain, "segments": [["cloud", 0, 10, ["ecdiff", 2, gaps, 0.3], False], plain["segments"][1]]}
+        with pytest.raises(FieldError, match=field.replace(".", r"\.")):
+            Plan.from_plain(bad)
+    assert plain["segments"][0][3][2] == [0, 2, 1]  # checking a plain plan does not change it
 
 
 @pytest.mark.parametrize("build, match", [

@@ -187,8 +187,12 @@ def test_health_metrics_and_session_logs(models, tmp_path, caplog):
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_S).read().decode()
         server.metrics.close()
     assert health["status"] == "ok" and health["jobs"] == 0 and health["pid"] == os.getpid()
+    # the load: in health, and as the edge last heard it (its handoff: itself running, nothing queued)
+    assert health["queued"] == 0 and 0 < health["utilisation"] <= 1
+    assert client.load.running == 1 and client.load.queued == 0 and 0 < client.load.utilisation <= 1
     samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line and not line.startswith("#")}
+    assert samples["latentwire_sessions_queued"] == 0 and 0 < samples["latentwire_utilisation"] <= 1
     assert samples['latentwire_sessions_total{outcome="finished"}'] == 1
     assert samples['latentwire_steps_total{kind="real"}'] == 6
     assert samples['latentwire_bytes_total{direction="in"}'] > 0 and samples['latentwire_bytes_total{direction="out"}'] > 0

@@ -130,6 +130,16 @@ def test_cancel_and_health_take_no_fields_and_no_tensors():
 def test_replies_are_checked_too():
     beat = wire.Beat(3, True).to_frames()
     assert wire.parse_reply(beat) == wire.Beat(3, True)
+    loaded = wire.Beat(3, True, wire.Load(queued=2, running=4, utilisation=0.75))
+    assert wire.parse_reply(loaded.to_frames()) == loaded
+    for bad, says in (({"queued": -1}, "load.queued"), ({"utilisation": 1.5}, "load.utilisation"),
+                      ({"running": "4"}, "load.running"), ({"extra": 1}, "load.extra")):
+        header = msgpack.unpackb(bytes(loaded.to_frames()[0]), raw=False)
+        header["s"]["load"].update(bad)
+        with pytest.raises(FieldError, match=says.replace(".", r"\.")):
+            wire.parse_reply([msgpack.packb(header, use_bin_type=True)])
+    health = wire.Health("ok", 3, 1, 7, 4, 2.5, queued=2, utilisation=0.5)
+    assert wire.parse_reply(health.to_frames()) == health and health.load == wire.Load(2, 1, 0.5)
     header = msgpack.unpackb(bytes(beat[0]), raw=False)
     header["s"]["step"] = "3"
     with pytest.raises(FieldError, match="'step'"):

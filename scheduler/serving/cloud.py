@@ -159,11 +159,12 @@ class CloudServer:
         if now - self._last_beat < self.heartbeat_s:
             return
         self._last_beat = now
+        load = self.engine.load() if self._tickets else None
         for key, ticket in list(self._tickets.items()):
             if ticket.done:
                 del self._tickets[key]
                 continue
-            self._send(*key, wire.Beat(ticket.step, ticket.started is not None))
+            self._send(*key, wire.Beat(ticket.step, ticket.started is not None, load))
 
     def _forward(self):
         while self._outbox.poll(0):
@@ -239,7 +240,8 @@ class CloudServer:
         except Refused as e:
             return self._refuse(peer, request, e.error)
         self._tickets[peer, request] = ticket
-        self._send(peer, request, wire.Beat(ticket.step, False))  # received: the edge's silence clock starts now
+        # received: the edge's silence clock starts now, and it learns the load it joined
+        self._send(peer, request, wire.Beat(ticket.step, False, self.engine.load()))
 
     def _refuse(self, peer, request, error):
         log.warning("refused", extra=fields(peer=peer.hex(), request=request.hex(), code=error.code,

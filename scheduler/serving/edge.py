@@ -85,6 +85,7 @@ class EdgeClient:
         self.deadline_s = max(timeout_s - DEADLINE_MARGIN_S, timeout_s / 2) if deadline_s is None else deadline_s
         self.session_id = None  # the id of the last generation, as the cloud's logs name it
         self.worker = None  # the pid of the cloud worker that sent the last preview or handoff
+        self.load = None  # the wire.Load of the last beat or handoff: the cloud's queue and utilisation
         self.attempts = 0  # requests sent, retries included, over this client's life
         self._cancel = threading.Event()
         self._monitors = {}  # socket -> its handshake-event monitor
@@ -333,6 +334,7 @@ class EdgeClient:
             except (ProtocolError, FieldError) as e:
                 raise CloudError(f"the cloud at {self.connect} sent a malformed reply: {e}") from None
             if isinstance(m, wire.Beat):
+                self.load = m.load
                 if not m.running:  # queued behind other sessions: waiting, not slow
                     last_step, progress = None, heard
                 elif m.step != last_step:
@@ -360,7 +362,7 @@ class EdgeClient:
             if not isinstance(m, kind):
                 raise CloudError(f"the cloud answered a {kind.__name__} request with a {type(m).__name__} message")
             if isinstance(m, wire.Handoff):
-                self.worker = m.worker
+                self.worker, self.load = m.worker, m.load
             return m
 
 
