@@ -377,27 +377,34 @@ def _search(args):
     return 0 if result.plan is not None else 3
 
 
+def _read_rounds(path):
+    """A --rounds file, every line checked -> [round dict] (before any model loads: a bad file costs nothing)."""
+    import json
+
+    try:
+        with open(path) as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        raise SystemExit(f"latentwire session: --rounds {path}: {e.strerror}") from None
+    rounds = []
+    for n, line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise SystemExit(f"latentwire session: --rounds {path} line {n}: not JSON ({e})") from None
+        if type(r) is not dict or not set(r) <= {"prompt", "final", "strength"} or (
+                "prompt" not in r and not r.get("final")):
+            raise SystemExit(f"latentwire session: --rounds {path} line {n}: a round is "
+                             '{"prompt": "..."} or {"final": true} (with "prompt" and "strength" optional)')
+        rounds.append(r)
+    return rounds
+
+
 def _session_rounds(args):
     """The rounds to run: from --rounds FILE (JSON lines), else typed at the terminal, one at a time ->
     iterator of dicts {"prompt": str} or {"final": True, "prompt": str (optional), "strength": float (optional)}."""
-    import json
-
     if args.rounds:
-        try:
-            with open(args.rounds) as f:
-                lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
-        except OSError as e:
-            raise SystemExit(f"latentwire session: --rounds {args.rounds}: {e.strerror}") from None
-        for n, line in lines:
-            try:
-                r = json.loads(line)
-            except ValueError as e:
-                raise SystemExit(f"latentwire session: --rounds {args.rounds} line {n}: not JSON ({e})") from None
-            if type(r) is not dict or not set(r) <= {"prompt", "final", "strength"} or (
-                    "prompt" not in r and not r.get("final")):
-                raise SystemExit(f"latentwire session: --rounds {args.rounds} line {n}: a round is "
-                                 '{"prompt": "..."} or {"final": true} (with "prompt" and "strength" optional)')
-            yield r
+        yield from _read_rounds(args.rounds)
         return
     print("type a prompt for a preview, /final [PROMPT] for the cloud's refine, /quit to stop", file=sys.stderr)
     while True:
@@ -438,6 +445,9 @@ def _prompt_session(args):
     """`latentwire session`: rounds of edge previews, then the cloud's refine of the last one (DiffusionX)."""
     import json
     import os
+
+    if args.rounds:
+        _read_rounds(args.rounds)  # checked before torch is imported
 
     from latentwire.pipelines.diffusionx import PromptSession, SessionError
     from latentwire.scheduler.serving.edge import CloudError, CloudUnavailable, EdgeClient
@@ -509,6 +519,8 @@ def _predict_noise(args):
     """`latentwire predict-noise`: the refine strength the predictor picks for a prompt change, and why."""
     import json
 
+    if not 0 <= args.load <= 1:  # before torch is imported: a typo costs no model load
+        raise SystemExit(f"latentwire predict-noise: --load {args.load:g}: the cloud's utilisation in [0, 1]")
     from latentwire.pipelines.diffusionx.predictor import PredictorError
 
     predictor = _predictor(args, "predict-noise")

@@ -157,8 +157,9 @@ def test_the_real_latent_crosses_the_wire_at_one_byte_an_element(models):
 
     raw = handoff.to_frames(Codecs(latent=("int8", 0)))
     assert len(raw) == 2 and len(raw[1]) == n == 1_123_200  # the payload: one byte a value, exactly
-    assert len(raw[0]) == 287  # the header: lo and step per latent frame (8 * 13 bytes), the handoff's fields
-    assert wire_bytes(raw) == 1_123_487
+    # the header: lo and step per latent frame (8 * 13 bytes), the handoff's fields, the cloud's load (44 bytes)
+    assert len(raw[0]) == 331
+    assert wire_bytes(raw) == 1_123_531
     frames = handoff.to_frames(Codecs())  # the defaults: int8 + zstd 3
     got = wire.parse_reply(frames, DEFAULT_SERVING_LIMITS.protocol())
     assert got.latent.shape == REAL_LATENT and got.latent.dtype == torch.float32

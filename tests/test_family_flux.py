@@ -242,11 +242,11 @@ def test_the_handoff_of_a_1024px_latent_costs_one_byte_a_value_plus_its_header(p
     (head8, zstd8), (head0, raw8), (head32, raw32) = sizes[("int8", 3)], sizes[("int8", 0)], sizes[("fp32", 0)]
     assert (raw8, raw32) == (n, 4 * n) == (262_144, 1_048_576)
     assert head8 == head0 == head32 + 2 * 4 * channels + 4  # + q: 'q' (2 B), bin 8 (2 B), 16 lo + 16 step floats
-    assert head0 == 312 and zstd8 <= n  # 262,456 B at level 0; x_1 is Gaussian noise: zstd takes ~10 % off
+    assert head0 == 356 and zstd8 <= n  # 262,500 B at level 0 (the load map is 44); x_1 is noise: zstd takes ~10 % off
     assert wire_bytes(frames) == head32 + raw32
     packed = wire.Handoff(pack(x), 14, 500.0, 7, model_calls=14, worker=1).to_frames(wire.Codecs(latent=("int8", 0)))
     # a (lo, step) pair per token: 32 KiB more (bin 16's header is a byte longer, the shape's msgpack one shorter)
-    assert len(bytes(packed[0])) == head0 + 2 * 4 * (4096 - channels) == 32_952
+    assert len(bytes(packed[0])) == head0 + 2 * 4 * (4096 - channels) == 32_996
     # and the edge's request up carries the same latent at the same cost
     spec = SessionSpec.for_model(model, PROMPT, plan="hybrid-sd", steps=28, plan_params={"k": 14}, guidance_scale=3.5)
     run = wire.Run(session=spec, segments=(1, 2), latent=x, latent_space=wire.plain(model.latent_space),

@@ -207,7 +207,7 @@ def test_a_handoff_of_sdxl_s_real_latent_and_its_bytes():
     step = (x.amax(dim=(0, 2, 3)) - x.amin(dim=(0, 2, 3))) / 255
     ulps = 4 * torch.finfo(torch.float32).eps * x.abs().max()
     assert ((back.latent - x).abs().amax(dim=(0, 2, 3)) <= step / 2 + ulps).all()
-    assert 0.8 * n < payload <= zstd_bound and header <= 256  # measured: 58230 + 214 bytes (zstd 3 on N(0, 49))
+    assert 0.8 * n < payload <= zstd_bound and header <= 300  # measured: 58230 + 258 bytes (zstd 3 on N(0, 49))
     raw = wire.Handoff(x, 12, 521.0, 11).to_frames(Codecs(latent=("int8", 0)))
     assert len(memoryview(raw[1]).cast("B")) == n  # int8 without zstd: exactly one byte an element
     # the edge's request up, with the same latent (an EC-Diff handoff to the cloud): same codec, same bound
