@@ -393,9 +393,12 @@ def _read_rounds(path):
         except ValueError as e:
             raise SystemExit(f"latentwire session: --rounds {path} line {n}: not JSON ({e})") from None
         if type(r) is not dict or not set(r) <= {"prompt", "final", "strength"} or (
-                "prompt" not in r and not r.get("final")):
+                "prompt" not in r and not r.get("final")) or type(r.get("prompt", "")) is not str or \
+                type(r.get("final", False)) is not bool or not (
+                "strength" not in r or (type(r["strength"]) in (int, float) and 0 < r["strength"] <= 1)):
             raise SystemExit(f"latentwire session: --rounds {path} line {n}: a round is "
-                             '{"prompt": "..."} or {"final": true} (with "prompt" and "strength" optional)')
+                             '{"prompt": "..."} or {"final": true} (with "prompt" a string and "strength" in (0, 1] '
+                             'optional)')
         rounds.append(r)
     return rounds
 

@@ -123,6 +123,8 @@ def test_the_session_command_from_a_rounds_file_and_typed(models, cloud, tmp_pat
     kinds = [(x["kind"], x["prompt"]) for x in map(json.loads, typed.stdout.splitlines())]
     assert kinds == [("preview", FIRST), ("final", FINAL)]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "a"}\n{"colour": "red"}\n')
-    r = _cli("--connect", cloud, "--rounds", str(bad), "--out-dir", str(tmp_path / "bad"))
-    assert r.returncode != 0 and "line 2" in r.stderr and "Traceback" not in r.stderr
+    for second in ('{"colour": "red"}', '{"final": true, "strength": "0.5"}', '{"final": true, "strength": 2}',
+                   '{"prompt": 3}'):
+        bad.write_text('{"prompt": "a"}\n' + second + "\n")
+        r = _cli("--connect", cloud, "--rounds", str(bad), "--out-dir", str(tmp_path / "bad"))
+        assert r.returncode != 0 and "line 2" in r.stderr and "Traceback" not in r.stderr, second

@@ -100,6 +100,10 @@ class NoisePredictor:
         except (OSError, ValueError) as e:
             raise PredictorError(f"{path}: no predictor weights ({e}); train them with `python -m "
                                  "latentwire.pipelines.diffusionx.train_predictor`") from None
+        if type(d) is not dict or type(d.get("weights")) is not dict or not all(
+                type(v) in (int, float) and math.isfinite(v) for v in d["weights"].values()):
+            raise PredictorError(f"{path}: not predictor weights (a JSON object with a 'weights' map of finite "
+                                 "numbers, as train_predictor writes)")
         return cls(d["weights"], cost, miss_s)
 
     def p_success(self, distance, edits, strength):
