@@ -588,6 +588,7 @@ def _edge(args):
     model = _load(args.model, "edge", args.device, args.dtype)
     spec = _session(args, model)
     plan = spec.plan
+    sr = _hybrid_sr(args, args.upscale, args.sr_connect, "edge") if args.upscale else None
     from latentwire.scheduler.serving.link import parse_link
 
     link = parse_link(args.link) if args.link else None
@@ -619,8 +620,22 @@ def _edge(args):
     except (CloudUnavailable, CloudError) as e:
         print(f"latentwire edge: {e}", file=sys.stderr)
         return 2
-    image = model.decode(latent)[0]  # one PIL image per latent in the batch (a video: a list of frames)
-    if isinstance(image, list):  # an animated .gif or .webp holds every frame; other formats the first
+    upscaled = None
+    if sr is not None:  # hybrid SR of the generated image: its detail caption (--sr-prompt) names the texture
+        low = model.decode(latent, output_type="pt")[0] * 2 - 1
+        try:
+            upscaled = sr.upscale(low, args.prompt if args.sr_prompt is None else args.sr_prompt, seed=args.seed,
+                                  mode=args.mode)
+        except Exception as e:
+            print(f"latentwire edge: hybrid SR failed: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        _write_image(upscaled.image, args.out)
+        image = None
+    else:
+        image = model.decode(latent)[0]  # one PIL image per latent in the batch (a video: a list of frames)
+    if image is None:
+        pass
+    elif isinstance(image, list):  # an animated .gif or .webp holds every frame; other formats the first
         image[0].save(args.out, save_all=args.out.lower().endswith((".gif", ".webp")), append_images=image[1:])
     else:
         image.save(args.out)
@@ -630,11 +645,134 @@ def _edge(args):
                                       wall_s=round(wall, 3), output=args.out,
                                       latent_codec=list(client.codecs.latent), link=args.link,
                                       session_id=client.session_id, requests_sent=client.attempts,
-                                      cloud_load=None if client.load is None else client.load.to_plain())))
+                                      cloud_load=None if client.load is None else client.load.to_plain(),
+                                      upscale=None if upscaled is None else {**upscaled.report(),
+                                                                             "scale": args.upscale,
+                                                                             "cloud": args.sr_connect})))
     else:
         print(f"wrote {args.out} in {wall:.2f} s: cloud calls {summary.cloud_model_calls}, edge calls "
               f"{summary.edge_model_calls}, forecast steps {summary.forecast_steps}, "
               f"{client.bytes_up} B up, {client.bytes_down} B down", file=sys.stderr)
+    return 0
+
+
+def _read_image(path):
+    """(3, h, w) float32 in [-1, 1] of an image file (RGB)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            pixels = np.asarray(im.convert("RGB"), dtype=np.float32)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"latentwire upscale: cannot read --in {path!r}: {e}") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1) / 127.5 - 1
+
+
+def _write_image(image, path):
+    from PIL import Image
+
+    pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    Image.fromarray(pixels).save(path)
+
+
+def _sr_arguments(parser, prefix=""):
+    """The hybrid SR options `latentwire upscale` and `latentwire edge --upscale` share."""
+    p = prefix
+    parser.add_argument(f"--{p}model", dest="sr_model",
+                        help="the diffusion upscaler's StableDiffusionUpscalePipeline folder (default: the embedded "
+                             "world-sr-xS); with --connect the cloud serves it and this side decodes with its VAE")
+    parser.add_argument(f"--{p}light", dest="sr_light",
+                        help="the lightweight SR: an ESPCN folder, a Real-ESRGAN-class .pth, or 'bicubic' (default: "
+                             "the embedded world-light-xS)")
+    parser.add_argument("--patch", type=int, default=8, help="patch side in low-resolution pixels")
+    parser.add_argument("--overlap", type=int, default=2, help="pixels two neighbouring patches share (blended)")
+    parser.add_argument(f"--{p}steps", dest="sr_steps", type=int, default=20, help="the upscaler's denoising steps")
+    parser.add_argument(f"--{p}guidance", dest="sr_guidance", type=float, default=1.0,
+                        help="the upscaler's classifier-free guidance (1: none)")
+    parser.add_argument("--mode", choices=("hybrid", "diffusion", "light"), default="hybrid",
+                        help="hybrid: foreground patches to the upscaler, the rest to the lightweight model; "
+                             "diffusion / light: every patch to one")
+    parser.add_argument("--max-batch", type=int, default=16, help="without a cloud: patches per batched step here")
+
+
+def _light_model(path, scale):
+    from latentwire.pipelines import hybrid_sr
+    from latentwire.pipelines.hybrid_sr.light import Bicubic, LightSR
+
+    if path == "bicubic":
+        return Bicubic(scale)
+    if path and path.endswith((".pth", ".pt", ".safetensors")):
+        from latentwire.pipelines.hybrid_sr.plugins import RealESRGANFile, SpandrelSR
+
+        try:
+            return SpandrelSR.from_file(path)
+        except ImportError:  # spandrel does not import beside a CPU torch here: read the Real-ESRGAN layouts
+            try:
+                return RealESRGANFile.from_file(path)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"latentwire: --light {path!r}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"latentwire: --light {path!r}: {e}") from None
+    return LightSR.from_pretrained(path or str(hybrid_sr.light_path(scale)))
+
+
+def _hybrid_sr(args, scale, connect, command):
+    from latentwire.pipelines import hybrid_sr
+    from latentwire.pipelines.hybrid_sr.pipeline import HybridSR
+
+    if scale not in hybrid_sr.SCALES and not args.sr_model:
+        raise SystemExit(f"latentwire {command}: the embedded world SR models upscale x2 or x4, not x{scale}; give "
+                         "--model (and --light) for another scale")
+    upscaler = _load(args.sr_model or str(hybrid_sr.upscaler_path(scale)), command)
+    if getattr(upscaler, "family", None) != "sd-upscale":
+        raise SystemExit(f"latentwire {command}: {args.sr_model!r} is not a StableDiffusionUpscalePipeline folder")
+    if upscaler.scale_factor != scale:
+        raise SystemExit(f"latentwire {command}: the upscaler upscales x{upscaler.scale_factor}, not x{scale}")
+    light = _light_model(args.sr_light, scale)
+    if light.scale != scale:
+        raise SystemExit(f"latentwire {command}: the lightweight SR upscales x{light.scale}, not x{scale}")
+    options = {"timeout_s": args.timeout}
+    if getattr(args, "curve_secret", None):
+        options.update(curve_secret=args.curve_secret, server_key=args.server_key)
+    from latentwire.scheduler.wire import Codecs
+
+    options["codecs"] = Codecs(latent=(args.sr_codec, 3 if args.sr_codec == "int8" else 0))
+    try:
+        return HybridSR(upscaler, light, cloud=connect, patch=args.patch, overlap=args.overlap, steps=args.sr_steps,
+                        guidance_scale=args.sr_guidance, max_batch=args.max_batch, client_options=options)
+    except ValueError as e:
+        raise SystemExit(f"latentwire {command}: {e}") from None
+
+
+def _upscale(args):
+    import json
+    import time
+
+    from latentwire.pipelines.hybrid_sr import regions
+
+    _check_image_path(args.out)
+    image = _read_image(args.input)
+    try:
+        regions.patch_grid(image.shape[1], image.shape[2], args.patch, args.overlap)
+    except ValueError as e:
+        raise SystemExit(f"latentwire upscale: {e}") from None
+    sr = _hybrid_sr(args, args.scale, args.connect, "upscale")
+    start = time.perf_counter()
+    try:
+        result = sr.upscale(image, args.prompt, seed=args.seed, mode=args.mode)
+    except Exception as e:  # the cloud refused or failed: say what, not a traceback
+        raise SystemExit(f"latentwire upscale: {type(e).__name__}: {e}") from None
+    _write_image(result.image, args.out)
+    report = {**result.report(), "wall_s": round(time.perf_counter() - start, 3), "output": args.out,
+              "scale": args.scale, "mode": args.mode, "cloud": args.connect}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"wrote {args.out} ({report['size'][1]}x{report['size'][0]}) in {report['wall_s']:.2f} s: "
+              f"{report['patches_cloud']} patches to the upscaler, {report['patches_edge']} to the lightweight "
+              "model", file=sys.stderr)
     return 0
 
 
@@ -892,8 +1030,34 @@ def build_parser():
                    help="if the cloud does not answer in time, finish its steps here and mark the result degraded")
     e.add_argument("--out", default="out.png", help="the image: a path ending in .png, .jpg, .jpeg or .webp")
     _device_arguments(e)
+    e.add_argument("--upscale", type=int, help="then hybrid SR by this scale (2 or 4 with the embedded world models)")
+    e.add_argument("--sr-prompt", help="the upscaler's prompt (default --prompt); the world's names the texture: "
+                                       "'a red striped circle at the top left'")
+    e.add_argument("--sr-connect", help="the cloud daemon serving the upscaler (default: hybrid SR on this machine)")
+    e.add_argument("--sr-codec", default="fp16", help="the codec of the SR patches and latents on the wire")
+    _sr_arguments(e, prefix="sr-")
     e.add_argument("--json", action="store_true", help="print one JSON object with the run's summary")
     e.set_defaults(func=_edge)
+
+    u = sub.add_parser("upscale", help="hybrid super-resolution: foreground patches to a diffusion upscaler, the "
+                                       "rest to a lightweight model, stitched",
+                       description="Upscale --in by --scale: patches whose low-resolution pixels are bright (the "
+                                   "foreground rule, pipelines/hybrid_sr/regions.py) go to the diffusion upscaler "
+                                   "(in the cloud at --connect, else here), the others to the lightweight model "
+                                   "here, at the same time; the stitch blends their overlaps.")
+    u.add_argument("--in", dest="input", required=True, help="the low-resolution image")
+    u.add_argument("--out", required=True, help="the upscaled image: a path ending in .png, .jpg, .jpeg or .webp")
+    u.add_argument("--scale", type=int, required=True, help="2 or 4 with the embedded world models")
+    u.add_argument("--prompt", default="", help="what the image shows: the upscaler draws the detail it names")
+    u.add_argument("--seed", type=int, default=0)
+    u.add_argument("--connect", help="the cloud daemon serving the upscaler (default: everything on this machine)")
+    u.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the cloud")
+    u.add_argument("--curve-secret", help="this edge's NAME.key_secret (with --server-key)")
+    u.add_argument("--server-key", help="the cloud's NAME.key (public)")
+    u.add_argument("--sr-codec", default="fp16", help="the codec of the patches and latents on the wire")
+    _sr_arguments(u)
+    u.add_argument("--json", action="store_true", help="print one JSON object: seconds per stage, patches, bytes")
+    u.set_defaults(func=_upscale)
 
     r = sub.add_parser("session", help="iterate on a prompt: edge previews, then the cloud refines the last",
                        description="DiffusionX's prompt session: each prompt typed (or read from --rounds) gets a "

@@ -11,7 +11,7 @@ pulls a multi-GB CUDA build. On a GPU machine install the torch you want first, 
 from setuptools import setup
 
 SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "scheduler.cost", "pipelines", "pipelines.models",
-               "pipelines.ecdiff", "pipelines.diffusionx"]  # tests/test_package.py checks none is missing
+               "pipelines.ecdiff", "pipelines.diffusionx", "pipelines.hybrid_sr"]  # tests/test_package.py checks none is missing
 
 setup(
     name="latentwire",
@@ -24,7 +24,8 @@ setup(
     package_dir={"latentwire": "."},
     package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*", "assets/**/*"],
                   "latentwire.scheduler.cost": ["data/devices/*.json", "data/links/*.json", "data/*.md"],
-                  "latentwire.pipelines.diffusionx": ["predictor.json", "PREDICTOR_CARD.md"]},
+                  "latentwire.pipelines.diffusionx": ["predictor.json", "PREDICTOR_CARD.md"],
+                  "latentwire.pipelines.hybrid_sr": ["assets/*", "assets/**/*"]},
     install_requires=[
         "torch>=2.1",
         "triton",

@@ -353,7 +353,10 @@ class CloudEngine:
             if theirs is not None and theirs != ours:  # None: the caller does not say (a serving stack's own)
                 raise wire.FieldError(what, theirs, f"this cloud's model's {what.replace('_', ' ')} {ours}: a "
                                                     "handoff needs both models the same")
+        image = _image(request, model)
         expected = (1, *model.latent_shape) if hasattr(model, "latent_shape") else None
+        if image is not None:  # an upscaler's latent is the size of its low-resolution image
+            expected = (1, model.latent_shape[0], *image.shape[-2:])
         state_tensors = {} if request.state is None else request.state.tensors()
         for name, tensor in (("latent", request.latent), *((f"solver/{k}", v) for k, v in state_tensors.items())):
             if tensor is None:
@@ -365,15 +368,18 @@ class CloudEngine:
         # One sampler (its coefficient table) per schedule and one encoding per prompt, kept across
         # requests: both are pure functions of their keys. Samplers are only read, so sessions share them.
         # the schedule, all of it: a session with another mu or sigmas must not step with this one's table
-        s.batch_key = (spec.scheduler, repr(sorted(spec.scheduler_config.items())), plan.num_steps,
-                       spec.inference_steps, repr(sorted(spec.timestep_kwargs.items())))
-        sampler = _cached(self._samplers, s.batch_key,
+        schedule = (spec.scheduler, repr(sorted(spec.scheduler_config.items())), plan.num_steps,
+                    spec.inference_steps, repr(sorted(spec.timestep_kwargs.items())))
+        s.batch_key = schedule + (expected,)  # rows stack only if their latents have one shape
+        sampler = _cached(self._samplers, schedule,
                           lambda: FusedSampler(spec.make_scheduler(), device=self.device))
         conditioning = _cached(self._conditioning, (spec.prompt, spec.negative_prompt),
                                lambda: model.encode_prompt(spec.prompt, spec.negative_prompt))
+        if image is not None:  # (text, noised image, noise level) rows: the image's noise comes from the seed
+            conditioning = model.condition(conditioning, on_model(model, image), spec.seed)
         x = on_model(model, request.latent)
         if x is None:
-            x = initial_noise(model, spec.seed, sampler.scheduler)
+            x = initial_noise(model, spec.seed, sampler.scheduler, None if image is None else tuple(image.shape[-2:]))
         state = None
         if request.state is not None and not spec.restart_solver:
             state = request.state.map(lambda t: on_model(model, t))
@@ -436,6 +442,23 @@ class CloudEngine:
                                                     f"{type(e).__name__}: {e}"))
                 except Exception:
                     log.exception("nor could its error", extra=fields(session=ticket.session_id))
+
+
+def _image(request, model):
+    """The request's conditioning image, checked against the model: an upscaler (a model with condition())
+    needs one, any other model takes none."""
+    image, wants = request.image, hasattr(model, "condition")
+    if image is None:
+        if wants:
+            raise wire.FieldError(f"tensors.{wire.IMAGE}", None, "a low-resolution image (1, 3, h, w): this cloud's "
+                                                                "model is an upscaler")
+        return None
+    if not wants:
+        raise wire.FieldError(f"tensors.{wire.IMAGE}", tuple(image.shape), "no image: this cloud's model is not an "
+                                                                          "upscaler")
+    if not torch.isfinite(image).all() or image.abs().max() > 1:
+        raise wire.FieldError(f"tensors.{wire.IMAGE}", "values outside [-1, 1]", "an image in [-1, 1]")
+    return image
 
 
 def _stack(conditionings):

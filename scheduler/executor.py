@@ -46,9 +46,11 @@ def check_models(plan, models):
                                 f"({getattr(cloud, what)} vs {getattr(edge, what)}); a handoff needs both the same")
 
 
-def initial_noise(model, seed, scheduler):
+def initial_noise(model, seed, scheduler, size=None):
     """x_T from the seed, drawn on the CPU so that every side, whatever its device, draws the same; on the
-    model's device in its dtype."""
+    model's device in its dtype. size: an upscaler's latent (h, w), its low-resolution image's."""
+    if size is not None:
+        return model.initial_noise(seed, scheduler=scheduler, generator_device="cpu", size=size)
     return model.initial_noise(seed, scheduler=scheduler, generator_device="cpu")
 
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass, fields
 
 from latentwire.protocol import Limits
 
-MAX_MESSAGE_TENSORS = 5  # the latent and a solver state of at most 4 tensors (PLMS: ets.0..2, sample)
+MAX_MESSAGE_TENSORS = 6  # the latent, an upscaler's image, a solver state of at most 4 (PLMS: ets.0..2, sample)
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,8 @@ class ServingLimits:
                 raise ValueError(f"ServingLimits.{f.name} must be a positive number, got {value!r}")
 
     def protocol(self):
-        """The wire decoder's limits for these: a message holds a latent and a solver state (PLMS's is the
-        largest: three previous outputs and a sample)."""
+        """The wire decoder's limits for these: a message holds a latent, an upscaler's image and a solver
+        state (PLMS's is the largest: three previous outputs and a sample)."""
         return Limits(max_elements=self.max_tensor_elements,
                       max_message_elements=MAX_MESSAGE_TENSORS * self.max_tensor_elements,
                       max_tensors=MAX_MESSAGE_TENSORS)

@@ -35,6 +35,7 @@ from .plan import MAX_STEPS
 from .session import SessionSpec
 
 LATENT, SOLVER = "latent", "solver/"  # the protocol's tensor names (SPEC.md section 10)
+IMAGE = "image"  # a run's conditioning image: an upscaler's low-resolution input (1, 3, h, w) in [-1, 1]
 REQUESTS = ("run", "cancel", "health")
 REPLIES = ("beat", "preview", "handoff", "error", "health")
 CODES = ("refused", "limit", "busy", "deadline", "model", "unavailable")
@@ -74,7 +75,8 @@ class Codecs:
 
 @dataclass(frozen=True)
 class Run:
-    """Run segments [a, b) of the session's plan (all the cloud's) from ``latent`` (None: x_T from the seed)."""
+    """Run segments [a, b) of the session's plan (all the cloud's) from ``latent`` (None: x_T from the seed).
+    image: the conditioning image of a model that takes one (an upscaler's low-resolution input), else None."""
 
     session: SessionSpec
     segments: tuple
@@ -85,12 +87,14 @@ class Run:
     text_space: list = None
     latent: torch.Tensor = None
     state: SolverState = None
+    image: torch.Tensor = None
 
     def to_frames(self):
         meta = {"kind": "run", "session": self.session.to_plain(), "segments": list(self.segments),
                 "session_id": self.session_id, "deadline_s": self.deadline_s, "codecs": self.codecs.to_meta(),
                 "latent_space": plain(self.latent_space), "text_space": plain(self.text_space)}
-        return _frames(meta, self.latent, self.state, self.codecs.latent, self.codecs.state)
+        frames = _frames(meta, self.latent, self.state, self.codecs.latent, self.codecs.state, self.image)
+        return frames
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,10 @@ def parse_request(frames, limits=None, max_steps=MAX_STEPS):
             raise FieldError("tensors", sorted(m.tensors), f"none: a {kind} request carries no tensors")
         return Cancel() if kind == "cancel" else HealthRequest()
     meta = need_map("meta", m.meta, len(RUN_FIELDS), required=("kind", "session", "segments"), optional=RUN_FIELDS)
-    state = _state(m.tensors)
+    image = m.tensors.get(IMAGE)
+    if image is not None and (image.dim() != 4 or image.shape[:2] != (1, 3)):
+        raise FieldError(f"tensors.{IMAGE}", tuple(image.shape), "(1, 3, h, w): one RGB image")
+    state = _state({k: v for k, v in m.tensors.items() if k != IMAGE})
     session = SessionSpec.from_plain(meta["session"], "session", max_steps)
     a, b = need_list("segments", meta["segments"], 2, 2)
     a, b = need_int("segments.0", a, 0, len(session.plan.segments) - 1), need_int("segments.1", b, 1, len(session.plan.segments))
@@ -141,7 +148,7 @@ def parse_request(frames, limits=None, max_steps=MAX_STEPS):
         spaces[name] = value
     return Run(session=session, segments=(a, b), session_id=need_str("session_id", meta.get("session_id", ""), MAX_ID_CHARS),
                deadline_s=deadline, codecs=Codecs.from_meta(meta.get("codecs", {})), **spaces,
-               latent=m.tensors.get(LATENT), state=state)
+               latent=m.tensors.get(LATENT), state=state, image=image)
 
 
 # -- replies --------------------------------------------------------------------------------------------
@@ -283,10 +290,12 @@ def parse_reply(frames, limits=None):
 
 # -- frames ---------------------------------------------------------------------------------------------
 
-def _frames(meta, latent, state, latent_codec, state_codec):
+def _frames(meta, latent, state, latent_codec, state_codec, image=None):
     tensors, chosen = {}, {}
     if latent is not None:
         tensors[LATENT], chosen[LATENT] = _wire_tensor(latent), tuple(latent_codec)
+    if image is not None:  # an image is sent as the latent is: 8-bit is a low-resolution image's own precision
+        tensors[IMAGE], chosen[IMAGE] = _wire_tensor(image), tuple(latent_codec)
     for name, t in ({} if state is None else _wire_tensors(state)).items():
         tensors[SOLVER + name], chosen[SOLVER + name] = t, tuple(state_codec)
     return encode_message(tensors, meta, codecs=chosen)
@@ -304,7 +313,8 @@ def _state(tensors, with_latent=True):
         if name == LATENT and with_latent:
             continue
         if not name.startswith(SOLVER):
-            raise FieldError(f"tensors.{name}", name, f"{LATENT!r} or a solver state tensor {SOLVER}<name>")
+            raise FieldError(f"tensors.{name}", name, f"{LATENT!r}, {IMAGE!r} (a run's) or a solver state tensor "
+                                                      f"{SOLVER}<name>")
         named[name[len(SOLVER):]] = t
     try:
         state = SolverState.from_tensors(named)

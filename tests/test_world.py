@@ -48,9 +48,10 @@ def test_caption_round_trip_over_all_scenes():
     ("A red circle at the top left", r"word 1 .* is 'A'; allowed there: a"),
     ("a red circle at the top left.", r"word 7 .* is 'left\.'"),
     ("a red circle at the left top", r"word 6 .* is 'left'"),
-    ("a red circle at the top  left", r"7 words .* got 8"),
+    ("a red circle at the top  left", r"word 3 .* allowed there: plain, striped, dotted"),  # 8 words: a texture?
     ("a red circle at the top", r"7 words .* got 6"),
-    ("a red circle at the top left please", r"7 words .* got 8"),
+    ("a red circle at the top left please", r"word 3 .* allowed there: plain, striped, dotted"),
+    ("a red striped circle at the top left please", r"7 words .* got 9"),
     ("", r"7 words .* got 1"),
 ])
 def test_parse_caption_is_strict_and_names_the_bad_word(text, message):
@@ -209,3 +210,47 @@ def test_dataset_is_the_rendered_sample_with_its_labels():
     assert torch.equal(images, again) and torch.equal(labels, labels_again)
     other, other_labels = dataset(300, 22)
     assert not torch.equal(labels, other_labels) and not torch.equal(images, other)
+
+
+# -- high resolution and texture ----------------------------------------------------------------------------
+
+def test_textures_are_drawn_at_high_resolution_only_and_leave_the_32px_world_as_it_was():
+    scenes = world.sample_scenes(24, 5, textures=True)
+    plain = [Scene(s.colour, s.shape, s.position) for s in scenes]
+    assert [(s.colour, s.shape, s.position) for s in scenes] == [(s.colour, s.shape, s.position)
+                                                                 for s in world.sample_scenes(24, 5)]
+    assert {s.texture for s in scenes} == set(world.TEXTURES)
+    assert torch.equal(render(scenes, 5), render(plain, 5))  # 32 px: texture is not resolved
+    for scale in (2, 4):
+        hi, hi_plain = render(scenes, 5, scale=scale), render(plain, 5, scale=scale)
+        assert hi.shape == (24, 3, 32 * scale, 32 * scale)
+        # the same scene at every scale: the plain render pooled to 32 px is the 32-px render, up to
+        # anti-aliasing (16 samples a pixel at 32 px, 16 scale^2 at the high resolution)
+        pooled = torch.nn.functional.avg_pool2d(hi_plain, scale)
+        assert (pooled - render(plain, 5)).abs().max() < 0.5  # a triangle's apex: 16 samples see little of it
+        assert (pooled - render(plain, 5)).abs().mean() < 2e-3
+        mask = world.coverage(scenes, 5, scale=scale) > 0
+        assert torch.equal(hi[~mask[:, None].expand_as(hi)], torch.full_like(hi[~mask[:, None].expand_as(hi)], -1))
+        for i, s in enumerate(scenes):  # a texture only ever darkens, and only a textured shape
+            darker = (hi[i] < hi_plain[i] - 1e-6).any()
+            assert bool(darker) == (s.texture != "plain"), s
+
+
+def test_texture_patterns_lie_on_the_32px_grid():
+    scene = Scene("red", "square", "top left", "striped")
+    hi = render([scene], 0, jitter=0, scale=4)[0, 0]  # red channel; square spans x, y in [3, 13)
+    rows = hi[16:40, 24]  # inside the square: rows alternate bright, dark every 2 px (half a 32-px pixel)
+    assert torch.equal(rows.reshape(-1, 4)[:, :2], torch.ones(6, 2))
+    assert torch.allclose(rows.reshape(-1, 4)[:, 2:], torch.full((6, 2), 2 * world.TEXTURE_INK - 1))
+    dotted = render([Scene("red", "square", "top left", "dotted")], 0, jitter=0, scale=4)[0, 0]
+    assert float(dotted[16:40, 16:40].mean()) < 1 - 0.2  # about 28% of each pixel at TEXTURE_INK
+
+
+def test_detail_captions_round_trip():
+    for s in world.sample_scenes(30, 2, textures=True):
+        assert parse_caption(caption(s, detail=True)) == s
+        assert parse_caption(caption(s)) == Scene(s.colour, s.shape, s.position)
+    with pytest.raises(ValueError, match="texture must be one of"):
+        Scene("red", "circle", "top left", "furry")
+    with pytest.raises(ValueError, match="scale must be one of"):
+        render([Scene("red", "circle", "top left")], scale=3)

@@ -25,6 +25,9 @@ scheduler/engine.py, use nothing else):
                                 guided combination (1 - g) u + g c is that prediction
     initial_noise(seed, batch=1, *, scheduler=None, generator_device=None) -> x_T
     decode(latent, output_type="pil") -> images (a video: a list of frames per latent)
+
+"sd-upscale" (StableDiffusionUpscalePipeline folders, sd_upscale.py) also conditions on a low-res image:
+condition(encode_prompt(...), image, seed, noise_level) -> (cond, uncond) tuples, what its predict takes.
 """
 import json
 import os
@@ -38,6 +41,7 @@ FAMILIES = {
     "StableDiffusion3Pipeline": ("sd3", "StableDiffusion3Model"),
     "FluxPipeline": ("flux", "FluxModel"),
     "CogVideoXPipeline": ("cogvideox", "CogVideoXModel"),
+    "StableDiffusionUpscalePipeline": ("sd_upscale", "StableDiffusionUpscaleModel"),
 }
 
 

@@ -83,20 +83,29 @@ class PipelineModel:
         reset with set_timesteps(steps)). eta: DDIM's. Stochastic schedulers draw their per-step noise from
         the same generator after x_T, as the pipeline's scheduler.step does.
         """
+        sched, sampler = self._schedule(scheduler, steps, eta)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt)
+        generator = self._generator(seed, generator_device)
+        x = self._noise(generator, batch) * sched.init_noise_sigma
+        return self._denoise(sampler, x, cond, uncond if guidance_scale > 1 else None, guidance_scale,
+                             lambda: self._noise(generator, batch))
+
+    def _schedule(self, scheduler, steps, eta):
+        """(scheduler set to ``steps``, its FusedSampler): the folder's, a class name's or an instance."""
         if not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         sched = self.make_scheduler(scheduler) if scheduler is None or isinstance(scheduler, str) else scheduler
         sched.set_timesteps(steps, device=self.device)
-        sampler = FusedSampler(sched, device=self.device, eta=eta)
-        guided = guidance_scale > 1  # the pipeline's do_classifier_free_guidance
-        cond, uncond = self.encode_prompt(prompt, negative_prompt)
-        generator = self._generator(seed, generator_device)
-        x = self._noise(generator, batch) * sched.init_noise_sigma
-        state = None
+        return sched, FusedSampler(sched, device=self.device, eta=eta)
+
+    def _denoise(self, sampler, x, cond, uncond, guidance_scale, next_noise):
+        """The reference loop: predict, then the fused step, every step; uncond None: unguided (the
+        pipeline's guidance_scale <= 1). next_noise() draws a stochastic scheduler's per-step noise."""
+        sched, state = sampler.scheduler, None
         for i, t in enumerate(sampler.timesteps):
-            pred_c, pred_u = self.predict(x, t, cond, uncond if guided else None, scheduler=sched)
-            noise = self._noise(generator, batch) if sampler.stochastic else None
-            if guided:
+            pred_c, pred_u = self.predict(x, t, cond, uncond, scheduler=sched)
+            noise = next_noise() if sampler.stochastic else None
+            if uncond is not None:
                 x, state = sampler.step(x, i, cond=pred_c, uncond=pred_u, guidance_scale=guidance_scale, state=state,
                                         noise=noise)
             else:

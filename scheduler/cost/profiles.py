@@ -31,8 +31,8 @@ MAX_BATCH = 4096
 MAX_TEXT_CHARS = 4096  # of a source, a derivation or a note
 
 # figures that may be null (no public source: then listed in "missing"); the optional ones may be absent
-DEVICE_FIGURES = ("unet_step_s", "unet_step_s_batch", "text_encode_s", "vae_decode_s", "fused_step_s")
-DEVICE_OPTIONAL = ("unet_step_s_batch", "fused_step_s")
+DEVICE_FIGURES = ("unet_step_s", "unet_step_s_batch", "text_encode_s", "vae_decode_s", "fused_step_s", "forward_s")
+DEVICE_OPTIONAL = ("unet_step_s_batch", "fused_step_s", "forward_s")
 DEVICE_META = ("name", "model", "hardware", "kind", "resolution", "dtype", "latent_shape")
 DEVICE_NOTES = ("sources", "derived", "missing", "notes")
 LINK_FIGURES = ("up_mbit_s", "down_mbit_s", "rtt_ms")
@@ -67,6 +67,7 @@ class DeviceProfile:
     vae_decode_s: float = None
     fused_step_s: float = 0.0
     unet_step_s_batch: dict = None  # {int B: float seconds}
+    forward_s: float = None  # one pass of a model with no denoising loop (a lightweight SR), input resolution px
     sources: dict = field(default_factory=dict, compare=False)
     derived: dict = field(default_factory=dict, compare=False)
     missing: tuple = ()

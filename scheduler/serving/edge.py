@@ -141,15 +141,16 @@ class EdgeClient:
             self._close(self._sock)
         return x, summary
 
-    def run_remote(self, spec, a, b, x=None, state=None):
+    def run_remote(self, spec, a, b, x=None, state=None, image=None):
         """Have the cloud run segments [a, b) of spec's plan from latent x (None: the cloud draws x_T from
         the seed) and solver state -> (x, state, model calls, forecast steps). This is what generate()
-        does for each stretch of cloud segments; a serving stack that drives its own loop calls it."""
+        does for each stretch of cloud segments; a serving stack that drives its own loop calls it.
+        image: an upscaler's low-resolution input (1, 3, h, w) in [-1, 1] (the cloud's model must be one)."""
         self._cancel.clear()
         self.session_id = uuid.uuid4().hex
         self._sock = self._socket()
         try:
-            return self._remote(spec, a, b, x, state)
+            return self._remote(spec, a, b, x, state, image)
         finally:
             self._close(self._sock)
 
@@ -227,14 +228,14 @@ class EdgeClient:
         summary.forecast_steps += run.forecasts
         return run.x, run.state
 
-    def _remote(self, spec, a, b, x, state):
+    def _remote(self, spec, a, b, x, state, image=None):
         """Have the cloud run segments [a, b) -> (x, state, model calls, forecast steps). A request lost
         with a dead or silent cloud, or turned away as busy, goes out again on a fresh connection (a
         broker hands it to another worker): the same inputs, so the same result."""
         for attempt in range(self.retries + 1):
             if attempt:
                 self._sleep(RETRY_BACKOFF_S * attempt)
-            request = self._send(self._sock, spec, a, b, x, state)
+            request = self._send(self._sock, spec, a, b, x, state, image)
             try:
                 reply = self._await(self._sock, request)
             except (_Retryable, Cancelled) as e:
@@ -247,11 +248,11 @@ class EdgeClient:
                 self._abandon(request)
                 raise
             else:
-                self._check_handoff(reply, spec, b)
+                self._check_handoff(reply, spec, b, image)
                 state = None if reply.state is None else reply.state.map(lambda t: on_model(self.model, t))
                 return on_model(self.model, reply.latent), state, reply.model_calls, reply.forecast_steps
 
-    def _check_handoff(self, reply, spec, b):
+    def _check_handoff(self, reply, spec, b, image=None):
         """The cloud's handoff must continue this generation where the plan says it does."""
         stop = spec.plan.segments[b - 1].stop
         if reply.seed != spec.seed:
@@ -260,6 +261,8 @@ class EdgeClient:
             raise CloudError(f"the cloud handed off at step {reply.step_index}; segments ending at step {stop} "
                              "were asked for (a cloud of another version?)")
         expected = getattr(self.model, "latent_shape", None)
+        if expected is not None and image is not None:  # an upscaler's latent is its image's size
+            expected = (expected[0], *image.shape[-2:])
         if expected is not None and tuple(reply.latent.shape) != (1, *expected):
             raise CloudError(f"the cloud's latent has shape {tuple(reply.latent.shape)}; this edge's model works on "
                              f"{(1, *expected)}")
@@ -273,7 +276,7 @@ class EdgeClient:
         self._close(self._sock, linger_ms=CANCEL_LINGER_MS)  # long enough for the cancel to leave
         self._sock = self._socket()
 
-    def _send(self, sock, spec, a, b, x, state):
+    def _send(self, sock, spec, a, b, x, state, image=None):
         """Send a run request for segments [a, b) from latent x (None: the cloud draws x_T) -> its id."""
         self._last_preview = None
         request_id = uuid.uuid4().bytes
@@ -282,7 +285,7 @@ class EdgeClient:
                        codecs=self.codecs,
                        # the cloud checks its model against these before it runs anything
                        latent_space=wire.plain(self.model.latent_space), text_space=wire.plain(self.model.text_space),
-                       latent=x, state=state if state and not spec.restart_solver else None)
+                       latent=x, state=state if state and not spec.restart_solver else None, image=image)
         frames = run.to_frames()
         self.bytes_up += wire_bytes(frames)
         if self.link is not None:
