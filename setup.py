@@ -25,7 +25,7 @@ setup(
     package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*", "assets/**/*"],
                   "latentwire.scheduler.cost": ["data/devices/*.json", "data/links/*.json", "data/*.md"],
                   "latentwire.pipelines.diffusionx": ["predictor.json", "PREDICTOR_CARD.md"],
-                  "latentwire.pipelines.hybrid_sr": ["assets/*", "assets/**/*"]},
+                  "latentwire.pipelines.hybrid_sr": ["assets/*", "assets/**/*", "quality.json", "MODEL_CARD.md"]},
     install_requires=[
         "torch>=2.1",
         "triton",

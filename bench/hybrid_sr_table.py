@@ -240,7 +240,7 @@ def write_quality(a, scenes, p, links):
             rows.append({"steps": steps, "scale": scale, "quality": round(q, 4)})
             print(f"  quality steps {steps} scale {scale}: {q:.3f}", file=sys.stderr, flush=True)
     with open(QUALITY_PATH, "w") as f:
-        json.dump({"command": "python bench/hybrid_sr_table.py --quality " + " ".join(sys.argv[1:]),
+        json.dump({"command": "python bench/hybrid_sr_table.py " + " ".join(sys.argv[1:]),
                    "n": a.n, "seed": a.seed, "rows": rows}, f, indent=1)
     link = links[next(iter(links))]
     for budget in (1.0, 2.0, 4.0):

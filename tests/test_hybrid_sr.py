@@ -279,6 +279,8 @@ def test_the_adaptive_choice_takes_the_best_quality_within_the_budget(tmp_path):
     assert choose(4, 1.2, quality_, latency).pick == (5, 4)  # x4 wanted: x2 is not a candidate
     late = choose(4, 0.5, quality_, latency)
     assert not late.within_budget and late.pick == (5, 4)  # nothing fits: the fastest, said so
+    shipped = load_quality()  # the measured one (bench/hybrid_sr_table.py --quality)
+    assert {s for _, s in shipped} == {2, 4} and all(0 <= q <= 1 for q in shipped.values())
     path = tmp_path / "q.json"
     path.write_text(json.dumps({"rows": [{"steps": 5, "scale": 2, "quality": 0.3}]}))
     assert load_quality(str(path)) == {(5, 2): 0.3}
