@@ -20,7 +20,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest tests bench/test_step_device.py --benchmark-disable
+	$(VENV)/bin/pytest tests bench/test_step_device.py --benchmark-disable --durations=20
 
 demo: $(STAMP)
 	$(VENV)/bin/latentwire demo
