@@ -588,7 +588,7 @@ def _edge(args):
     model = _load(args.model, "edge", args.device, args.dtype)
     spec = _session(args, model)
     plan = spec.plan
-    sr = _hybrid_sr(args, args.upscale, args.sr_connect, "edge") if args.upscale else None
+    sr = _hybrid_sr(args, args.upscale, args.sr_connect, "edge") if args.upscale is not None else None
     from latentwire.scheduler.serving.link import parse_link
 
     link = parse_link(args.link) if args.link else None
@@ -715,12 +715,30 @@ def _light_model(path, scale):
                 raise SystemExit(f"latentwire: --light {path!r}: {e}") from None
         except (OSError, ValueError) as e:
             raise SystemExit(f"latentwire: --light {path!r}: {e}") from None
-    return LightSR.from_pretrained(path or str(hybrid_sr.light_path(scale)))
+    try:
+        return LightSR.from_pretrained(path or str(hybrid_sr.light_path(scale)))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SystemExit(f"latentwire: --light {path!r}: {type(e).__name__}: {e}; give an ESPCN folder, a "
+                         "Real-ESRGAN-class .pth, or 'bicubic'") from None
 
 
 def _hybrid_sr(args, scale, connect, command):
     from latentwire.pipelines import hybrid_sr
     from latentwire.pipelines.hybrid_sr.pipeline import HybridSR
+    from latentwire.protocol import CODECS
+
+    # every SR option checked before any model loads (or, for `edge --upscale`, before the generation)
+    if scale < 1:
+        raise SystemExit(f"latentwire {command}: the scale must be an int >= 1, got {scale}")
+    if args.patch < 1 or not 0 <= args.overlap < args.patch:
+        raise SystemExit(f"latentwire {command}: --patch must be >= 1 and --overlap in [0, --patch), got --patch "
+                         f"{args.patch} --overlap {args.overlap}")
+    if args.sr_steps < 1 or args.max_batch < 1:
+        raise SystemExit(f"latentwire {command}: the upscaler's steps and --max-batch must be >= 1")
+    if not 0 <= args.sr_guidance <= 100:
+        raise SystemExit(f"latentwire {command}: the upscaler's guidance must be in [0, 100], got {args.sr_guidance}")
+    if args.sr_codec not in CODECS:
+        raise SystemExit(f"latentwire {command}: --sr-codec {args.sr_codec!r}: one of {', '.join(CODECS)}")
 
     if scale not in hybrid_sr.SCALES and not args.sr_model:
         raise SystemExit(f"latentwire {command}: the embedded world SR models upscale x2 or x4, not x{scale}; give "

@@ -217,6 +217,12 @@ def test_latentwire_upscale_writes_the_image_and_reports(folder, cloud, tmp_path
         cli.main(args[:6] + ["2"] + args[7:])
     with pytest.raises(SystemExit, match="patch must be in"):
         cli.main(args + ["--patch", "64"])
+    with pytest.raises(SystemExit, match="overlap must be < patch"):
+        cli.main(args + ["--overlap", "8"])
+    with pytest.raises(SystemExit, match="--sr-codec 'nope'"):
+        cli.main(args + ["--sr-codec", "nope"])
+    with pytest.raises(SystemExit, match="--light"):
+        cli.main(args + ["--light", str(tmp_path)])  # a folder with no config.json
     with pytest.raises(SystemExit, match="cannot read --in"):
         cli.main(["upscale", "--in", str(tmp_path / "none.png"), "--out", str(out), "--scale", "4"])
 
@@ -232,6 +238,10 @@ def test_latentwire_edge_upscale_generates_then_upscales(folder, cloud, tmp_path
     assert up["size"] == [128, 128] and up["scale"] == 4 and up["cloud"] == cloud
     assert up["patches_cloud"] >= 1 and up["bytes_up"] > 0 and report["edge_model_calls"] == 3
     assert cli._read_image(str(out)).shape == (3, 128, 128)
+    with pytest.raises(SystemExit, match="--overlap in"):  # checked before the generation starts
+        cli.main(args + ["--overlap", "8"])
+    with pytest.raises(SystemExit, match="guidance must be in"):
+        cli.main(args + ["--sr-guidance", "-1"])
 
 
 def test_a_real_esrgan_class_file_serves_as_the_lightweight_model(folder, tmp_path, capsys):

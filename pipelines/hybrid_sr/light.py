@@ -69,10 +69,14 @@ class LightSR:
                                     "LightSR.save_pretrained (train_sr.py's export) wrote")
         with open(config_path) as f:
             config = json.load(f)
-        if config.get("architecture") != "espcn":
+        if not isinstance(config, dict) or config.get("architecture") != "espcn":
             raise ValueError(f"{config_path} names architecture {config.get('architecture')!r}; this loader reads "
                              "'espcn' (for Real-ESRGAN-class .pth files use plugins.py)")
-        net = ESPCN(config["scale"], config["width"])
+        scale, width = config.get("scale"), config.get("width")
+        if type(scale) is not int or not 1 <= scale <= 16 or type(width) is not int or not 2 <= width <= 1024:
+            raise ValueError(f"{config_path}: scale must be an int in 1..16 and width an int in 2..1024, got scale "
+                             f"{scale!r}, width {width!r}")
+        net = ESPCN(scale, width)
         net.load_state_dict(torch.load(os.path.join(path, WEIGHTS), map_location="cpu", weights_only=True))
         return cls(net, config.get("name"), device)
 

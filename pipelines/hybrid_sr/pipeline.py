@@ -20,6 +20,7 @@ the lightweight model runs over the whole image once and the background tiles ar
 that a tile's border sees its neighbours (the cost is the same to within the foreground's share).
 mode "diffusion" sends every patch to the upscaler and "light" none: the two baselines of the table.
 """
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -122,7 +123,9 @@ class _CloudWork:
 
     def __init__(self, sr, images, prompt, negative_prompt, seed, indices):
         self.sr, self.images, self.indices = sr, images, indices
-        self.specs = [sr.spec(prompt, negative_prompt, seed + i) for i in indices]
+        # one session checked and built (its scheduler validated), then one per patch by seed alone
+        base = sr.spec(prompt, negative_prompt, seed) if indices else None
+        self.specs = [dataclasses.replace(base, seed=seed + i) for i in indices]
         self.latents, self.errors = [None] * len(images), []
         self.seconds, self.bytes_up, self.bytes_down, self.calls = 0.0, 0, 0, 0
         self._thread = threading.Thread(target=self._run, daemon=True)
