@@ -16,7 +16,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70.1"
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev,bench]"
+	$(PY) -m pip install -e ".[dev,bench,ray]"
 	touch $(STAMP)
 
 test: $(STAMP)

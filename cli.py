@@ -67,9 +67,13 @@ def _cloud(args):
     if not args.connect and not is_loopback(args.bind) and not args.curve_secret and not args.insecure:
         raise SystemExit(f"latentwire cloud: refusing to serve {args.bind} in the clear: give --curve-secret "
                          "SERVER.key_secret and --allow CLIENTS_DIR (keys from `latentwire keys`), or --insecure")
+    if args.ray is not None and (args.workers or args.connect):
+        raise SystemExit("latentwire cloud: --ray serves through a Ray Serve deployment; drop --workers and --connect")
     logs.configure()
     if args.workers:
         return _pool(args)
+    if args.ray is not None:
+        return _ray_gateway(args)
     from latentwire.scheduler.serving.cloud import CloudServer
     from latentwire.scheduler.limits import ServingLimits
     from latentwire.scheduler.metrics import Metrics
@@ -96,6 +100,52 @@ def _cloud(args):
         metrics.serve(args.metrics_port)
     print(f"latentwire cloud: serving {args.model} on {server.endpoint}"
           + (f", metrics on http://127.0.0.1:{args.metrics_port}/metrics" if args.metrics_port else ""), flush=True)
+    server.serve_forever()
+    metrics.close()
+    print("latentwire cloud: stopped", flush=True)
+    return 0
+
+
+def _ray_gateway(args):
+    """latentwire cloud --ray: the daemon's endpoint, with the sessions run by a Ray Serve deployment."""
+    from latentwire.scheduler.limits import ServingLimits
+    from latentwire.scheduler.metrics import Metrics
+    from latentwire.scheduler.serving.cloud import CloudServer
+    from latentwire.scheduler.serving.security import KeyError_
+
+    try:
+        limits = _limits(args, ServingLimits)
+    except ValueError as e:
+        raise SystemExit(f"latentwire cloud: {e}") from None
+    try:
+        from latentwire.scheduler.serving.rayserve import gateway
+    except ImportError as e:
+        raise SystemExit(f"latentwire cloud: --ray needs Ray Serve ({e}): pip install 'latentwire[ray]'") from None
+    try:
+        options = gateway.ReplicaOptions(args.replicas, args.max_replicas, args.target_sessions, args.max_ongoing,
+                                         args.replica_cpus, 1.0 if args.replica_gpus is None and
+                                         args.device.startswith("cuda") else args.replica_gpus or 0.0)
+    except ValueError as e:
+        raise SystemExit(f"latentwire cloud: {e}") from None
+    gateway.connect(args.ray or None)
+    try:
+        gateway.deploy(args.model, app=args.ray_app, options=options, max_batch=args.max_batch, device=args.device,
+                       dtype=args.dtype, threads=args.threads, preview_every=args.preview_every,
+                       max_wait_s=args.max_wait_ms / 1000, heartbeat_s=args.heartbeat, limits=limits)
+    except Exception as e:  # a replica that cannot load its model fails the deployment, with its reason
+        raise SystemExit(f"latentwire cloud: the Ray Serve deployment failed: {type(e).__name__}: {e}") from None
+    metrics = Metrics()
+    try:
+        engine = gateway.RayEngine(args.ray_app, max_batch=args.max_batch, limits=limits, metrics=metrics,
+                                   retries=args.retries)
+        server = CloudServer(None, args.bind, engine=engine, heartbeat_s=args.heartbeat, limits=limits,
+                             curve_secret=args.curve_secret, allow=args.allow, insecure=args.insecure)
+    except (KeyError_, ValueError) as e:
+        raise SystemExit(f"latentwire cloud: {e}") from None
+    if args.metrics_port:
+        metrics.serve(args.metrics_port)
+    print(f"latentwire cloud: serving {args.model} on {server.endpoint} through Ray Serve application "
+          f"{args.ray_app!r} ({gateway.replicas_running(args.ray_app)} replicas)", flush=True)
     server.serve_forever()
     metrics.close()
     print("latentwire cloud: stopped", flush=True)
@@ -998,6 +1048,25 @@ def build_parser():
     c.add_argument("--allow", help="with --curve-secret: folder of the NAME.key files of admitted edges")
     c.add_argument("--server-key", help="a worker with --curve-secret: the broker's NAME.key")
     c.add_argument("--insecure", action="store_true", help="allow a non-loopback --bind without CURVE")
+    r = c.add_argument_group("Ray Serve (pip install 'latentwire[ray]')",
+                             "--ray: this process is a gateway on --bind (CURVE and every limit as above) and the "
+                             "sessions run on a Ray Serve deployment of --replicas replicas, each with its own "
+                             "model and step-level batching (--max-batch, --max-wait-ms, --preview-every, "
+                             "--device, --dtype, --threads are each replica's)")
+    r.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="the Ray cluster to join (no ADDRESS: the one RAY_ADDRESS names, else a new one here)")
+    r.add_argument("--ray-app", default="latentwire", help="the Serve application's name (default latentwire)")
+    r.add_argument("--replicas", type=int, default=1, help="replicas (with --max-replicas: the least; default 1)")
+    r.add_argument("--max-replicas", type=int,
+                   help="autoscale between --replicas and this many on sessions in flight (default: a fixed count)")
+    r.add_argument("--target-sessions", type=float,
+                   help="autoscaling: sessions in flight per replica to aim at (default --max-batch)")
+    r.add_argument("--max-ongoing", type=int,
+                   help="sessions Serve sends one replica at once (default 2 x --max-batch, at least 2)")
+    r.add_argument("--replica-cpus", type=float, default=1.0, help="each replica's Ray CPUs (default 1)")
+    r.add_argument("--replica-gpus", type=float,
+                   help="each replica's Ray GPUs, fractions allowed (default 1 with --device cuda, else 0)")
+    r.add_argument("--retries", type=int, default=2, help="replica deaths one session survives (default 2)")
     c.set_defaults(func=_cloud)
 
     b = sub.add_parser("broker", help="one endpoint for edges in front of cloud workers on other machines",

@@ -10,7 +10,7 @@ pulls a multi-GB CUDA build. On a GPU machine install the torch you want first, 
 """
 from setuptools import setup
 
-SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "scheduler.cost", "pipelines", "pipelines.models",
+SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "scheduler.serving.rayserve", "scheduler.cost", "pipelines", "pipelines.models",
                "pipelines.ecdiff", "pipelines.diffusionx", "pipelines.hybrid_sr"]  # tests/test_package.py checks none is missing
 
 setup(
@@ -42,6 +42,8 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis"],
         # Anchors the benchmarks compare against; not needed to use latentwire.
         "bench": ["pytest-benchmark", "safetensors", "blosc2", "zfpy", "matplotlib"],
+        # latentwire cloud --ray (scheduler/serving/rayserve): nothing else imports it. Ray's wheel needs no torch.
+        "ray": ["ray[serve]>=2.60,<3"],
     },
     entry_points={"console_scripts": ["latentwire = latentwire.cli:main"]},
 )

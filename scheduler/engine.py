@@ -73,6 +73,54 @@ class Ticket:
     done: bool = False
 
 
+def new_ticket(request, emit, client, limits):
+    """The Ticket of a wire.Run arriving now, its deadline capped by ``limits`` (--max-deadline)."""
+    now = time.monotonic()
+    deadline_s = limits.max_deadline_s if request.deadline_s is None else min(request.deadline_s, limits.max_deadline_s)
+    return Ticket(emit, client, request.session_id, now, now + deadline_s,
+                  step=request.session.plan.segments[request.segments[0]].start)
+
+
+class Admission:
+    """The limits on sessions in flight, from everyone (--max-sessions) and from one client
+    (--max-sessions-per-client): what the engine admits, and a gateway in front of many engines
+    (scheduler/serving/rayserve) admits the same way. Thread-safe."""
+
+    def __init__(self, limits, metrics):
+        self.limits, self.metrics = limits, metrics
+        self._lock = threading.Lock()
+        self.count, self._per_client = 0, {}
+
+    def admit(self, client):
+        """Count one more session of ``client`` -> how many were in flight before it; raise Refused over a limit."""
+        with self._lock:
+            if self.count >= self.limits.max_sessions:
+                raise Refused(wire.Error("busy", f"this cloud worker has {self.count} sessions, its limit "
+                                                 "(--max-sessions); try again later"))
+            mine = self._per_client.get(client, 0)
+            if mine >= self.limits.max_sessions_per_client:
+                raise Refused(wire.Error("limit", f"this client already has {mine} sessions here, the limit "
+                                                  "(--max-sessions-per-client); wait for one to finish"))
+            self.count += 1
+            self._per_client[client] = mine + 1
+            self.metrics.active.set(self.count)
+            return self.count - 1
+
+    def release(self, client):
+        with self._lock:
+            self.count -= 1
+            left = self._per_client[client] - 1
+            if left:
+                self._per_client[client] = left
+            else:
+                del self._per_client[client]
+            self.metrics.active.set(self.count)
+
+    def clients(self):
+        with self._lock:
+            return dict(self._per_client)
+
+
 @dataclass
 class _Session:
     ticket: Ticket
@@ -103,7 +151,7 @@ class CloudEngine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._inbox, self._active = deque(), []
-        self._admitted, self._per_client = 0, {}
+        self.admission = Admission(limits, self.metrics)
         self._stopping = False
         self._conditioning, self._samplers = {}, {}
         self._started = time.monotonic()
@@ -115,29 +163,16 @@ class CloudEngine:
 
     def submit(self, request, emit, client=b""):
         """Admit a wire.Run -> its Ticket, or raise Refused (stopping, busy, over a limit)."""
-        limits, now = self.limits, time.monotonic()
-        deadline_s = limits.max_deadline_s if request.deadline_s is None else min(request.deadline_s,
-                                                                                  limits.max_deadline_s)
-        ticket = Ticket(emit, client, request.session_id, now, now + deadline_s,
-                        step=request.session.plan.segments[request.segments[0]].start)
+        ticket = new_ticket(request, emit, client, self.limits)
         with self._lock:
             if self._stopping:
                 raise Refused(wire.Error("unavailable", "this cloud worker is stopping; try again"))
-            if self._admitted >= limits.max_sessions:
-                raise Refused(wire.Error("busy", f"this cloud worker has {self._admitted} sessions, its limit "
-                                                 "(--max-sessions); try again later"))
-            mine = self._per_client.get(client, 0)
-            if mine >= limits.max_sessions_per_client:
-                raise Refused(wire.Error("limit", f"this client already has {mine} sessions here, the limit "
-                                                  "(--max-sessions-per-client); wait for one to finish"))
-            self._admitted += 1
-            self._per_client[client] = mine + 1
+            queued = self.admission.admit(client)
             self._inbox.append(_Session(ticket, request))
-            self.metrics.active.set(self._admitted)
             self._wake.notify()
         log.info("admitted", extra=fields(session=ticket.session_id, plan=request.session.plan.name,
                                           segments=list(request.segments), steps=request.session.plan.num_steps,
-                                          queued=self._admitted - 1))
+                                          queued=queued))
         return ticket
 
     def cancel(self, ticket):
@@ -167,7 +202,7 @@ class CloudEngine:
         LOAD_WINDOW_S seconds (or of the uptime, if shorter) spent in turns that computed."""
         now = time.monotonic()
         with self._lock:
-            jobs, busy = self._admitted, list(self._busy)
+            jobs, busy = self.admission.count, list(self._busy)
         running = min(jobs, sum(1 for s in list(self._active) if s.ticket.started is not None))
         since = now - LOAD_WINDOW_S
         spent = sum(end - max(start, since) for start, end in busy if end > since)
@@ -410,14 +445,7 @@ class CloudEngine:
         ticket.done = True
         if opened:
             self._active.remove(s)
-        with self._lock:
-            self._admitted -= 1
-            left = self._per_client[ticket.client] - 1
-            if left:
-                self._per_client[ticket.client] = left
-            else:
-                del self._per_client[ticket.client]
-            self.metrics.active.set(self._admitted)
+        self.admission.release(ticket.client)
         seconds = time.monotonic() - ticket.admitted
         self.metrics.sessions.labels(outcome).inc()  # counted and logged before the edge hears of it
         if outcome == "finished":

@@ -13,7 +13,8 @@
                              worker, load
     cloud -> edge   error    Error: code (refused | limit | busy | deadline | model | unavailable), message,
                              field (the offending field's dotted path, or nil)
-    cloud -> edge   health   Health: status, jobs, running, pid, max_batch, uptime_s, queued, utilisation
+    cloud -> edge   health   Health: status, jobs, running, pid, max_batch, uptime_s, queued, utilisation, and
+                             replicas from a gateway in front of a Ray Serve deployment (absent elsewhere)
 
 Every message is [request id] + protocol frames, so replies can be matched to requests on a DEALER/ROUTER
 pair. Only msgpack and raw tensor frames cross: no pickle. Each kind is a dataclass; ``parse_request`` and
@@ -238,13 +239,28 @@ class Health:
     uptime_s: float
     queued: int = 0  # as in Load: jobs = queued + running
     utilisation: float = 0.0
+    replicas: Optional[int] = None  # a gateway's (latentwire cloud --ray): the replicas serving behind it
 
     def to_frames(self, codecs=None):
-        return encode_message({}, {"kind": "health", **self.__dict__})
+        meta = {k: v for k, v in self.__dict__.items() if not (k == "replicas" and v is None)}
+        return encode_message({}, {"kind": "health", **meta})
 
     @property
     def load(self):
         return Load(self.queued, self.running, self.utilisation)
+
+
+@dataclass(frozen=True)
+class Relayed:
+    """A reply encoded elsewhere (by a Ray Serve replica, scheduler/serving/rayserve), forwarded by a gateway
+    as the frames it is: decoding and encoding again would quantise an int8 latent twice."""
+
+    kind: str  # one of REPLIES
+    frames: list
+    code: Optional[str] = None  # an error's
+
+    def to_frames(self, codecs=None):
+        return self.frames
 
 
 def parse_reply(frames, limits=None):
@@ -280,11 +296,13 @@ def parse_reply(frames, limits=None):
                      None if f is None else need_str("field", f, 256))
     if kind == "health":
         names = ("kind", "status", "jobs", "running", "pid", "max_batch", "uptime_s", "queued", "utilisation")
-        need_map("meta", meta, len(names), required=names)
+        need_map("meta", meta, len(names) + 1, required=names, optional=("replicas",))
+        replicas = meta.get("replicas")
         return Health(need_str("status", meta["status"], 16), need_int("jobs", meta["jobs"], 0),
                       need_int("running", meta["running"], 0), need_int("pid", meta["pid"], 0),
                       need_int("max_batch", meta["max_batch"], 1), need_number("uptime_s", meta["uptime_s"], 0.0),
-                      need_int("queued", meta["queued"], 0), need_number("utilisation", meta["utilisation"], 0.0, 1.0))
+                      need_int("queued", meta["queued"], 0), need_number("utilisation", meta["utilisation"], 0.0, 1.0),
+                      None if replicas is None else need_int("replicas", replicas, 0))
     raise FieldError("kind", kind, f"one of {', '.join(REPLIES)} (the cloud's replies)")
 
 

@@ -160,7 +160,7 @@ def test_a_failing_session_in_a_batch_ends_alone_and_the_others_equal_their_solo
         expected, _ = run_plan(spec, models)
         assert ((events[name][-1].latent - expected).abs().max() / expected.abs().max()).item() <= 1e-5
     assert 2 in engine.batch_sizes  # after the bad one left, the good ones batched again
-    assert engine.health().jobs == 0 and not engine._per_client  # every admission was given back
+    assert engine.health().jobs == 0 and not engine.admission.clients()  # every admission was given back
 
 
 def test_a_session_that_diverges_ends_alone_with_an_error_and_the_others_finish(models):

@@ -52,19 +52,25 @@ class CloudServer:
 
     def __init__(self, model, bind=None, *, connect=None, preview_every=0, max_batch=1, max_wait_s=0.0,
                  heartbeat_s=HEARTBEAT_S, limits=DEFAULT_SERVING_LIMITS, metrics=None, curve_secret=None,
-                 allow=None, server_key=None, insecure=False, context=None):
+                 allow=None, server_key=None, insecure=False, context=None, engine=None):
         """curve_secret, allow: the server's NAME.key_secret and a folder of admitted clients' NAME.key
         files (CURVE). A non-loopback ``bind`` needs them, or insecure=True. A worker (``connect``) uses
         curve_secret with server_key, the broker's NAME.key, to reach a CURVE backend. max_batch,
         max_wait_s, preview_every: the engine's. metrics: a scheduler.metrics.Metrics to count into (the
-        daemon serves it on --metrics-port)."""
+        daemon serves it on --metrics-port). engine: instead of a model, an engine that runs elsewhere (the
+        Ray Serve gateway's RayEngine, scheduler/serving/rayserve), with its own metrics, batching and previews."""
         if (bind is None) == (connect is None):
             raise ValueError("give bind (serve edges directly) or connect (a broker's backend), not both")
         if not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s must be > 0, got {heartbeat_s!r}")
-        self.metrics = metrics or Metrics()
-        self.engine = CloudEngine(model, preview_every=preview_every, max_batch=max_batch, max_wait_s=max_wait_s,
-                                  limits=limits, metrics=self.metrics)
+        if (model is None) == (engine is None):
+            raise ValueError("give a model (this process runs it) or an engine (one that runs it elsewhere), not both")
+        if engine is not None:
+            self.metrics, self.engine = engine.metrics, engine
+        else:
+            self.metrics = metrics or Metrics()
+            self.engine = CloudEngine(model, preview_every=preview_every, max_batch=max_batch,
+                                      max_wait_s=max_wait_s, limits=limits, metrics=self.metrics)
         self.model, self.limits, self.heartbeat_s = model, limits, heartbeat_s
         self._decode_limits = limits.protocol()
         self._ctx = context or zmq.Context.instance()
@@ -174,7 +180,7 @@ class CloudServer:
     def _emitter(self, peer, request, codecs):
         """emit(event) for the engine: encoded on the engine's thread, sent on this one."""
         def emit(event):
-            kind = type(event).__name__.lower()
+            kind = event.kind if isinstance(event, wire.Relayed) else type(event).__name__.lower()
             if kind == "error":
                 self.metrics.errors.labels(event.code).inc()
             self._outbox_push.send_multipart([peer, request, kind.encode()] + event.to_frames(codecs), copy=False)

@@ -167,7 +167,8 @@ class EdgeClient:
             try:
                 request = uuid.uuid4().bytes
                 sock.send_multipart([request] + wire.HealthRequest().to_frames(), copy=False)
-                return asdict(self._await(sock, request, kind=wire.Health))
+                health = asdict(self._await(sock, request, kind=wire.Health))
+                return {k: v for k, v in health.items() if not (k == "replicas" and v is None)}  # a gateway's only
             except _Retryable as e:
                 if attempt == self.retries:
                     raise CloudUnavailable(f"{e} ({attempt + 1} requests sent)") from None
