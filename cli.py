@@ -127,6 +127,8 @@ def _ray_gateway(args):
                                          args.device.startswith("cuda") else args.replica_gpus or 0.0)
     except ValueError as e:
         raise SystemExit(f"latentwire cloud: {e}") from None
+    if args.retries < 0:  # checked before the deployment, which takes the replicas' start to fail
+        raise SystemExit(f"latentwire cloud: --retries must be >= 0, got {args.retries}")
     gateway.connect(args.ray or None)
     try:
         gateway.deploy(args.model, app=args.ray_app, options=options, max_batch=args.max_batch, device=args.device,

@@ -80,7 +80,3 @@ class CloudReplica:
     def _load(self):
         load = self.engine.load()
         return (load.queued, load.running, load.utilisation)
-
-    def health(self):
-        """This replica's engine health, as plain values (for an operator's `serve` tooling)."""
-        return {k: v for k, v in self.engine.health().__dict__.items() if v is not None}
