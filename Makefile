@@ -6,21 +6,26 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build. Override for a GPU machine, e.g. make TORCH_SPEC="torch==2.13.0" PIP_TORCH_ARGS="--index-url ...".
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
+# The exact versions the suite last passed with (README, "Dependencies"): every install here uses them.
+CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.latentwire-installed
+# `make test-latest`: the newest release of everything but torch, in a venv of its own
+LATEST ?= .venv-latest
+TEST_ARGS ?= tests bench/test_step_device.py --benchmark-disable --durations=20
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench test-latest constraints clean
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip "setuptools>=70.1"
+	$(PY) -m pip install --quiet --upgrade -c $(CONSTRAINTS) pip setuptools
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[dev,bench,ray]"
+	$(PY) -m pip install -c $(CONSTRAINTS) -e ".[dev,bench,ray]"
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/pytest tests bench/test_step_device.py --benchmark-disable --durations=20
+	$(VENV)/bin/pytest $(TEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/latentwire demo
@@ -29,5 +34,23 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/pytest bench --benchmark-only --benchmark-columns=min,median,mean,rounds
 
+# Meets upstream first: a fresh venv with the newest release of every dependency (torch stays at
+# TORCH_SPEC: the newest from PyPI may be a multi-GB CUDA build), then the whole suite. When it passes,
+# $(LATEST)/constraints.txt holds what it passed with, and `make constraints` adopts it.
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet --upgrade pip setuptools
+	$(LATEST)/bin/python -m pip install $(PIP_TORCH_ARGS) "$(TORCH_SPEC)"
+	echo "$(TORCH_SPEC)" > $(LATEST)/torch.txt
+	$(LATEST)/bin/python -m pip install --upgrade --upgrade-strategy eager -c $(LATEST)/torch.txt -e ".[dev,bench,ray]"
+	$(LATEST)/bin/python -m pip freeze --all --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' > $(LATEST)/freeze.txt
+	$(LATEST)/bin/pytest $(TEST_ARGS)
+	(sed -n '/^#/p' $(CONSTRAINTS); cat $(LATEST)/freeze.txt) > $(LATEST)/constraints.txt
+	@echo "test-latest passed: 'make constraints' adopts these versions (diff $(CONSTRAINTS) $(LATEST)/constraints.txt)"
+
+constraints: $(LATEST)/constraints.txt
+	cp $(LATEST)/constraints.txt $(CONSTRAINTS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache

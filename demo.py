@@ -9,8 +9,6 @@ cloud-only, edge-only, hybrid-sd, ec-diff and preview-refine, and writes into ``
 
 then stops the cloud. Every number comes from this run.
 """
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,30 +26,13 @@ LABEL_H = 14  # pixels of the grid's header row
 SCENE_STRIDE = 7
 
 
-def start_cloud(bind, cloud):
-    """`latentwire cloud` in its own process, ready when it says so -> Popen."""
-    from latentwire.scheduler.serving.process import wait_ready
+def start_cloud(bind, cloud, log_path):
+    """`latentwire cloud` in its own process, its stderr in ``log_path``, ready when it says so -> its Child.
+    A cloud that dies first raises ChildFailed at once, with the end of its log."""
+    from latentwire.scheduler.serving.process import Child, cli_command
 
-    cmd = [sys.executable, "-m", "latentwire.cli", "cloud", "--bind", bind, "--threads", "1"]
-    if cloud == "ideal":
-        cmd += ["--model", "ideal"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    if wait_ready(proc, "serving", READY_TIMEOUT_S):
-        return proc
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"the demo's cloud did not start within {READY_TIMEOUT_S} s: run `{' '.join(cmd)}` to see why")
-
-
-def stop_cloud(proc):
-    """SIGTERM, up to STOP_TIMEOUT_S for the cloud to exit, then SIGKILL; returns once it is gone (reaped)."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
+    args = ["cloud", "--bind", bind, "--threads", "1"] + (["--model", "ideal"] if cloud == "ideal" else [])
+    return Child(cli_command(*args), log=log_path, name="the demo's cloud").wait_ready("serving", READY_TIMEOUT_S)
 
 
 def grid(rows, plan_names):
@@ -87,7 +68,7 @@ def run(out="demo-out", cloud="trained", prompts=PROMPTS, steps=STEPS, log=print
     with tempfile.TemporaryDirectory(prefix="latentwire-demo-") as tmp:
         bind = f"ipc://{tmp}/cloud.sock"
         log(f"starting the cloud ({'exact denoiser' if cloud == 'ideal' else 'world-sd-cloud'}) on {bind} ...")
-        proc = start_cloud(bind, cloud)
+        proc = start_cloud(bind, cloud, Path(tmp) / "cloud.log")
         log(f"cloud ready (pid {proc.pid})")
         try:
             edge = StableDiffusionModel.from_pretrained(EDGE_PATH)
@@ -114,7 +95,7 @@ def run(out="demo-out", cloud="trained", prompts=PROMPTS, steps=STEPS, log=print
                     f"{client.bytes_up + client.bytes_down:>7} B on the wire  attribute accuracy "
                     f"{scores['attribute_accuracy']:.3f}")
         finally:
-            stop_cloud(proc)
+            proc.stop(STOP_TIMEOUT_S)
     names = [name for name, _ in PLANS]
     grid([[images[n][k] for n in names] for k in range(prompts)], names).save(out / "grid.png")
     (out / "report.md").write_text(report(rows, scenes, steps, cloud, time.perf_counter() - started))

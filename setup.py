@@ -7,8 +7,23 @@ kernel-hub package on PyPI; the others are taken too). ``tests/`` and ``bench/``
 torch is deliberately listed without a pin: ``make`` installs ``torch==2.13.0`` (a CPU build on
 this project's machines) *before* this package, so pip finds the requirement satisfied and never
 pulls a multi-GB CUDA build. On a GPU machine install the torch you want first, then ``pip install .``.
+
+Requirements are ranges, for people who use latentwire as a library: a lower bound where a feature
+needs it, an upper bound only where a break is known (none is today). ``make`` installs the exact
+versions the suite last passed with, from ``constraints.txt``; ``make test-latest`` tries the newest.
 """
+import os
+import sys
+
 from setuptools import setup
+
+# setuptools runs this file with its folder first on sys.path, where kernels/ would be imported as Hugging
+# Face's `kernels`: that package (which transformers requires) registers an egg_info writer,
+# `kernels._internals.locking`, so a build in an environment that has it (pip --no-build-isolation)
+# would fail on our folder. Nothing here imports from this folder: take it off, as latentwire's
+# __init__.py does for a running process.
+HERE = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != HERE]
 
 SUBPACKAGES = ["kernels", "protocol", "scheduler", "scheduler.serving", "scheduler.serving.rayserve", "scheduler.cost", "pipelines", "pipelines.models",
                "pipelines.ecdiff", "pipelines.diffusionx", "pipelines.hybrid_sr"]  # tests/test_package.py checks none is missing
@@ -17,9 +32,10 @@ setup(
     name="latentwire",
     version="0.1.0",
     description="Edge-cloud collaborative diffusion inference: latent handoff kernels and wire protocol",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # 3.11: children run with -P (keep the working directory off sys.path); 3.10 reached end of life in 2026-10
+    python_requires=">=3.11",
     packages=["latentwire"] + [f"latentwire.{name}" for name in SUBPACKAGES],
     package_dir={"latentwire": "."},
     package_data={"latentwire.protocol": ["SPEC.md", "vectors.json"], "latentwire.pipelines": ["assets/*", "assets/**/*"],
@@ -28,7 +44,9 @@ setup(
                   "latentwire.pipelines.hybrid_sr": ["assets/*", "assets/**/*", "quality.json", "MODEL_CARD.md"]},
     install_requires=[
         "torch>=2.1",
-        "triton",
+        # Triton has wheels for Linux on x86-64 and ARM64 only; elsewhere (a Mac or Windows edge) every
+        # kernel takes its torch path (kernels/_triton.py).
+        'triton; sys_platform == "linux" and (platform_machine == "x86_64" or platform_machine == "aarch64")',
         "diffusers",
         "transformers",
         "numpy",
@@ -43,7 +61,7 @@ setup(
         # Anchors the benchmarks compare against; not needed to use latentwire.
         "bench": ["pytest-benchmark", "safetensors", "blosc2", "zfpy", "matplotlib"],
         # latentwire cloud --ray (scheduler/serving/rayserve): nothing else imports it. Ray's wheel needs no torch.
-        "ray": ["ray[serve]>=2.60,<3"],
+        "ray": ["ray[serve]>=2.60"],
     },
     entry_points={"console_scripts": ["latentwire = latentwire.cli:main"]},
 )

@@ -10,13 +10,9 @@ timings show the overheads of the split, not the compute ratio of real models.
 """
 import argparse
 import platform
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,21 +20,16 @@ from latentwire.pipelines.models.sd import StableDiffusionModel
 from latentwire.pipelines.models.tiny import save_tiny_pair
 from latentwire.scheduler import SessionSpec, make
 from latentwire.scheduler.serving.edge import EdgeClient
-from latentwire.scheduler.serving.process import wait_ready
+from latentwire.scheduler.serving.process import Child, cli_command
 
 PLANS = [("cloud-only", {}), ("edge-only", {}), ("hybrid-sd", {}), ("ec-diff", {"p": 3, "k": 1}),
          ("preview-refine", {"strength": 0.5})]
 PROMPT = "a red circle on a blue square"
 
 
-def start_cloud(model, bind):
-    cli = str(Path(sys.executable).with_name("latentwire"))
-    proc = subprocess.Popen([cli, "cloud", "--bind", bind, "--model", model, "--threads", str(torch.get_num_threads())],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    if wait_ready(proc, "serving", 120):
-        return proc
-    proc.kill()
-    raise RuntimeError("the cloud did not start")
+def start_cloud(model, bind, log_path):
+    return Child(cli_command("cloud", "--bind", bind, "--model", model, "--threads", torch.get_num_threads()),
+                 log=log_path, name="the cloud").wait_ready("serving")
 
 
 def spec_for(model, plan, scheduler, **kw):
@@ -59,7 +50,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         cloud_path, edge_path = save_tiny_pair(tmp, seed=0)
         edge = StableDiffusionModel.from_pretrained(edge_path)
-        proc = start_cloud(str(cloud_path), f"ipc://{tmp}/cloud.sock")
+        proc = start_cloud(str(cloud_path), f"ipc://{tmp}/cloud.sock", f"{tmp}/cloud.log")
         try:
             client = lambda: EdgeClient(f"ipc://{tmp}/cloud.sock", edge, timeout_s=120)  # noqa: E731
             print(f"# End to end on the tiny test models\n\nCommand: `python bench/e2e.py --steps {args.steps} "
@@ -116,8 +107,7 @@ def main(argv=None):
                   f"{carry_client.bytes_down - restart_client.bytes_down} bytes (fp32 state) on the way down. "
                   "Carrying the state is the default; in fp16, its default codec, it costs 2 bytes a latent value.")
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+            proc.stop()
 
 
 if __name__ == "__main__":

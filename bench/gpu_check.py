@@ -39,12 +39,6 @@ PARTS = {  # name in status.tsv -> what the report calls it
 
 # ---- part (b): the split ------------------------------------------------------------------------------
 
-def _cli():
-    """The `latentwire` console script beside this interpreter, else the module."""
-    exe = Path(sys.executable).with_name("latentwire")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "latentwire.cli"]
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,58 +80,43 @@ def image_difference(path_a, path_b):
     return {"max_abs": int(d.max()), "mean_abs": round(float(d.mean()), 3)}
 
 
-def _stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
 def split_run(out, device, dtype, image):
     """One cloud daemon and one edge run on ``device`` in ``dtype`` -> a dict for split.json."""
-    from latentwire.scheduler.serving.process import wait_ready
+    from latentwire.scheduler.serving.process import Child, ChildFailed, child_env, cli_command
 
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
     flags = ["--device", device, "--dtype", dtype]
-    cloud_cmd = _cli() + ["cloud", "--bind", endpoint, *flags]
-    edge_cmd = _cli() + ["edge", "--connect", endpoint, *flags, "--plan", PLAN, "--prompt", PROMPT, "--json",
-                         "--out", str(out / image)]
+    cloud_cmd = cli_command("cloud", "--bind", endpoint, *flags)
+    edge_cmd = cli_command("edge", "--connect", endpoint, *flags, "--plan", PLAN, "--prompt", PROMPT, "--json",
+                           "--out", str(out / image))
     run = {"device": device, "dtype": dtype, "image": image, "cloud_cmd": shlex.join(cloud_cmd),
            "edge_cmd": shlex.join(edge_cmd), "ok": False}
     name = Path(image).stem  # the logs are named after the run's image: gpu_edge, gpu_edge_fp32, cpu_edge_fp32
-    cloud_log = out / f"split-cloud-{name}.log"
-    with open(cloud_log, "w") as log:
-        start = time.monotonic()
-        cloud = subprocess.Popen(cloud_cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+    start = time.monotonic()
+    cloud = Child(cloud_cmd, log=out / f"split-cloud-{name}.log", name="the cloud")
+    try:
         try:
-            if not wait_ready(cloud, "serving", READY_TIMEOUT_S):
-                try:
-                    code = cloud.wait(timeout=2)  # wait_ready also returns when the cloud has exited
-                    run["error"] = f"the cloud exited with {code} before it printed 'serving': {_tail(cloud_log)}"
-                except subprocess.TimeoutExpired:
-                    run["error"] = f"the cloud did not print 'serving' within {READY_TIMEOUT_S} s: {_tail(cloud_log)}"
-                return run
-            run["cloud_ready_s"] = round(time.monotonic() - start, 2)
-            start = time.monotonic()
-            try:
-                edge = subprocess.run(edge_cmd, capture_output=True, text=True, timeout=EDGE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                run["error"] = f"the edge did not finish within {EDGE_TIMEOUT_S} s"
-                return run
-            run["edge_s"] = round(time.monotonic() - start, 2)
-            (out / f"split-edge-{name}.log").write_text(edge.stdout + "\n--- stderr ---\n" + edge.stderr)
-            summary = parse_summary(edge.stdout)
-            if edge.returncode != 0 or summary is None:
-                run["error"] = f"the edge exited with {edge.returncode}: {edge.stderr.strip()[-1500:]}"
-                return run
-            run["summary"], run["ok"] = summary, True
+            cloud.wait_ready("serving", READY_TIMEOUT_S)
+        except ChildFailed as e:
+            run["error"] = str(e)[-1500:]
             return run
-        finally:
-            run["cloud_exit"] = _stop(cloud)
+        run["cloud_ready_s"] = round(time.monotonic() - start, 2)
+        start = time.monotonic()
+        try:
+            edge = subprocess.run(edge_cmd, capture_output=True, text=True, timeout=EDGE_TIMEOUT_S, env=child_env())
+        except subprocess.TimeoutExpired:
+            run["error"] = f"the edge did not finish within {EDGE_TIMEOUT_S} s"
+            return run
+        run["edge_s"] = round(time.monotonic() - start, 2)
+        (out / f"split-edge-{name}.log").write_text(edge.stdout + "\n--- stderr ---\n" + edge.stderr)
+        summary = parse_summary(edge.stdout)
+        if edge.returncode != 0 or summary is None:
+            run["error"] = f"the edge exited with {edge.returncode}: {edge.stderr.strip()[-1500:]}"
+            return run
+        run["summary"], run["ok"] = summary, True
+        return run
+    finally:
+        run["cloud_exit"] = cloud.stop(STOP_TIMEOUT_S)
 
 
 def split(out, device, half):

@@ -8,13 +8,16 @@
 #
 # Parts, each under `timeout` (its own limit, or what is left of TOTAL_S if that is less), each logged
 # to $OUT/NAME.log with "NAME rc seconds" in $OUT/status.tsv; a failed part does not stop the next:
-#   install   pip install -e '.[dev,bench]', only if `import latentwire` fails (torch pinned to the one installed)
+#   install   pip install -e '.[dev,bench]' with constraints.txt, only if `import latentwire` fails (the torch
+#             installed, and the triton it needs, are kept)
 #   (a) kernels   the Triton kernels compiled (TRITON_INTERPRET unset), against their torch references
 #   (b) split     `latentwire cloud` and `latentwire edge` on the device over loopback: float16, then float32
 #                 against a CPU float32 run (equal model-call counts); bench/gpu_check.py split
 #   (c) bench     bench/test_step_device.py (launches, host syncs, CUDA graph) and bench/test_fused_step.py
 #   (d) report    nvidia-smi, versions, and $OUT/gpu_report.md (bench/gpu_check.py report)
 set -u
+# keep the repository root off every Python's sys.path: its kernels/ would shadow Hugging Face's kernels
+export PYTHONSAFEPATH=1
 
 OUT=${OUT:-./gpu-out}
 DEVICE=${DEVICE:-cuda}
@@ -59,7 +62,8 @@ part() {
 if ! "$PY" -c 'import latentwire' 2> /dev/null; then
     TORCH_VERSION=$("$PY" -c 'import torch; print(torch.__version__)' 2> /dev/null)
     if [ -n "$TORCH_VERSION" ]; then
-        echo "torch==$TORCH_VERSION" > "$OUT/constraints.txt"
+        # the suite's tested versions, but the machine's own torch (and the triton its CUDA build asks for)
+        { grep -vE '^(torch|triton)==' constraints.txt; echo "torch==$TORCH_VERSION"; } > "$OUT/constraints.txt"
         part install 150 "$PY" -m pip install -c "$OUT/constraints.txt" -e '.[dev,bench]'
     else
         part install 150 false  # no torch: install one for this machine's CUDA first (README, "Set up and run")

@@ -13,6 +13,7 @@ at a time; reported are the seconds from the load's start to Serve's second repl
 first session it finished. Serve's autoscaler waits its upscale_delay_s (its default) before it decides.
 """
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -27,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import daemons  # noqa: E402
 from load import pct, round_of, specs  # noqa: E402
 
+# Ray on loopback only (tests/conftest.py says why); read when ray is imported, inherited by the gateways
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 

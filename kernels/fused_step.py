@@ -24,9 +24,8 @@ import weakref
 from typing import NamedTuple, Optional
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import AVAILABLE as TRITON, tl, triton
 from .step_table import A0, AE, AH, AN, AX, E0, EM, EX, NCOEF, PM, PX
 
 MAX_MODELS = 4  # guidance uses 2; a Taylor forecast of order 3 uses 4
@@ -108,11 +107,11 @@ def fused_step(x, models, weights, coef, step, noise=None, hist=None, clip=None,
     step: (B,) int64 on x's device, each row's step index, or one int for every row.
     noise, hist: like x, or None (zeros).
     clip: clamp x_0 to [-clip, clip], or None. x0 and m are returned (like x) when asked for, else None.
-    backend: None (by device: Triton on CUDA, the CPU path on CPU), 'triton', 'cpu' or 'ref'.
+    backend: None (by device: Triton on CUDA where it is installed, else the CPU path), 'triton', 'cpu' or 'ref'.
     """
     _check(x, models, weights, coef, step, noise, hist)
     if backend is None:
-        backend = "triton" if x.is_cuda else "cpu"
+        backend = "triton" if x.is_cuda and TRITON else "cpu"
     if backend == "triton":
         return _fused_step_triton(x, models, weights, coef, step, noise, hist, clip, want_x0, want_m)
     shared = isinstance(step, int) and not isinstance(weights, torch.Tensor)

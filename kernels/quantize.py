@@ -25,9 +25,8 @@ runs the kernels on CPU tensors too when TRITON_INTERPRET=1 was set before this 
 imported (triton 3.9 reads it when decorating; tests/conftest.py sets it).
 """
 import torch
-import triton
-import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from ._triton import AVAILABLE as TRITON, InterpretedFunction, tl, triton
 
 INT8_LEVELS, INT4_LEVELS = 255, 15
 LEVELS = (INT8_LEVELS, INT4_LEVELS)
@@ -256,8 +255,9 @@ def dequantize(sym, lo, step, shape, *, packed=False, backend=None):
 
 
 def _default_backend(device):
-    """Triton on CUDA, the torch reference elsewhere (tests patch this to run the kernels on CPU)."""
-    return "triton" if device.type == "cuda" else "ref"
+    """Triton on CUDA where it is installed, the torch reference elsewhere (tests patch this to run the
+    kernels on CPU)."""
+    return "triton" if device.type == "cuda" and TRITON else "ref"
 
 
 def _backend(backend, device):
@@ -265,6 +265,9 @@ def _backend(backend, device):
     if backend not in BACKENDS:
         raise QuantizeInputError(f"backend must be one of {BACKENDS} or None (by device), got {backend!r}; the "
                                  "CPU path is latentwire.protocol.quant's numpy functions")
+    if backend == "triton" and not TRITON:
+        raise QuantizeInputError("backend='triton' needs Triton, which is not installed (it has wheels for Linux "
+                                 "only): pip install triton, or use backend=None or 'ref'")
     if backend == "triton" and device.type != "cuda" and not isinstance(_quantize_kernel, InterpretedFunction):
         raise QuantizeInputError(
             f"backend='triton' on a {device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "

@@ -2,23 +2,21 @@
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
+from pathlib import Path
 
 from PIL import Image
 
 import daemons
-from latentwire import demo
-from latentwire.scheduler.serving.process import wait_ready
 
+REPO = Path(__file__).resolve().parents[1]
 PLANS = ["cloud-only", "edge-only", "hybrid-sd", "ec-diff", "preview-refine"]
 
 
 def test_the_demo_writes_a_grid_and_a_report_and_stops_its_cloud(tmp_path):
+    # from the repository root, as `make demo` runs it: the demo's cloud must not import the root's kernels/
     run = subprocess.run([daemons.CLI, "demo", "--out", str(tmp_path / "out"), "--prompts", "2", "--steps", "6"],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     grid = Image.open(tmp_path / "out" / "grid.png")
     assert grid.width > len(PLANS) * 128 and grid.height > 2 * 128  # 5 columns, 2 rows of 4x images
@@ -41,20 +39,3 @@ def test_eval_prints_the_scores_of_a_plan(tmp_path):
         assert key in result
     assert (result["cloud_model_calls"], result["edge_model_calls"], result["n"]) == (2, 4, 8)
     assert 0 <= result["all_attributes"] <= result["attribute_accuracy"] <= 1 and result["frechet_distance"] >= 0
-
-
-def test_a_cloud_that_ignores_sigterm_is_killed_after_the_stop_timeout(monkeypatch):
-    monkeypatch.setattr(demo, "STOP_TIMEOUT_S", 0.5)
-    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('serving', flush=True); "
-                "time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True)
-    try:
-        assert wait_ready(proc, "serving", 30)  # SIGTERM is ignored from here on
-        start = time.monotonic()
-        demo.stop_cloud(proc)
-        assert time.monotonic() - start < 10
-        assert proc.returncode == -signal.SIGKILL and not os.path.exists(f"/proc/{proc.pid}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()

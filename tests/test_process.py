@@ -1,6 +1,9 @@
 """Child processes as the daemons' parents run them: wait_ready (scheduler/serving/process.py) on real children, and a
 worker pool (scheduler/serving/broker.py) whose worker prints far more than a pipe holds after its ready line."""
+import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -10,7 +13,7 @@ import time
 import pytest
 
 from latentwire.scheduler.serving.broker import Pool
-from latentwire.scheduler.serving.process import wait_ready
+from latentwire.scheduler.serving.process import Child, ChildFailed, child_env, cli_command, wait_ready
 
 TIMEOUT_S = 20  # what a test gives wait_ready when it should answer long before
 QUICK_S = 5  # "at once": well inside TIMEOUT_S, with room for a slow, shared machine
@@ -130,6 +133,66 @@ def test_the_marker_must_be_one_line(procs):
     for marker in ("", "two\nlines", b"bytes"):
         with pytest.raises(ValueError, match="marker must be"):
             wait_ready(procs[-1], marker, TIMEOUT_S)
+
+
+# ---------------------------------------------------------------- the launcher: Child
+
+def test_a_child_that_dies_before_it_is_ready_is_reported_at_once_with_its_stderr(tmp_path):
+    code = "import sys; print('loading'); sys.stderr.write('step one\\nno model at /nowhere\\n'); sys.exit(3)"
+    for log in (tmp_path / "child.log", None):  # its stderr in a file, or copied into ours
+        child = Child([sys.executable, "-c", code], log=log, name="the test's cloud")
+        start = time.monotonic()
+        with pytest.raises(ChildFailed) as failed:
+            child.wait_ready("serving", timeout_s=600)
+        assert time.monotonic() - start < QUICK_S  # the exit ended the wait, not the 600 s
+        assert failed.value.returncode == 3 and "no model at /nowhere" in failed.value.stderr_tail
+        message = str(failed.value)
+        assert "`the test's cloud` exited with code 3 before it printed 'serving'" in message
+        assert "step one\nno model at /nowhere" in message
+        assert child.stdout.closed
+
+
+def test_a_silent_child_is_killed_and_reported_with_its_stderr(tmp_path):
+    child = Child([sys.executable, "-c", "import sys, time; sys.stderr.write('stuck\\n'); sys.stderr.flush(); "
+                   "time.sleep(60)"], log=tmp_path / "child.log")
+    with pytest.raises(ChildFailed, match=r"did not print 'serving' within 1.0 s and was killed") as failed:
+        child.wait_ready("serving", timeout_s=1.0)
+    assert failed.value.returncode is None and failed.value.stderr_tail == "stuck\n"
+    assert child.poll() == -signal.SIGKILL
+
+
+def test_a_ready_child_is_stopped_by_sigterm_and_its_stderr_copied(capfd):
+    code = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+            "sys.stderr.write('a warning\\n'); print('serving', flush=True); time.sleep(60)")
+    child = Child([sys.executable, "-c", code]).wait_ready("serving", TIMEOUT_S)
+    assert child.stop(TIMEOUT_S) == 0 and child.stdout.closed
+    child._copier.join(TIMEOUT_S)
+    assert "a warning" in capfd.readouterr().err and child.stderr_tail() == "a warning\n"
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout():
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('serving', flush=True); "
+                "time.sleep(60)")
+    child = Child([sys.executable, "-c", stubborn]).wait_ready("serving", TIMEOUT_S)  # SIGTERM ignored from here
+    try:
+        start = time.monotonic()
+        assert child.stop(0.5) == -signal.SIGKILL
+        assert time.monotonic() - start < QUICK_S and not os.path.exists(f"/proc/{child.pid}")
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_children_keep_the_working_directory_off_their_path(tmp_path):
+    # cli_command runs with -P; child_env passes PYTHONSAFEPATH=1 on to their own Python children
+    assert cli_command("cloud", "--threads", 1)[:4] == [sys.executable, "-P", "-m", "latentwire.cli"]
+    assert cli_command("cloud", "--threads", 1)[4:] == ["cloud", "--threads", "1"]
+    show = "import json, os, sys; print(json.dumps([os.getcwd(), sys.path]))"
+    run = subprocess.run([sys.executable, "-c", show], cwd=tmp_path, env=child_env(), capture_output=True, text=True,
+                         timeout=TIMEOUT_S, check=True)
+    cwd, path = json.loads(run.stdout)
+    assert "" not in path and cwd not in path
 
 
 # ---------------------------------------------------------------- the pool drains its workers' stdout

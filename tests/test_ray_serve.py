@@ -3,9 +3,11 @@ of the tiny cloud model, in one local Ray instance for the whole module (startin
 costs seconds; nothing here starts another). A split session through the gateway equals the one-process
 run, 16 concurrent sessions complete on both replicas, CURVE and the limits hold at a gateway, and a
 replica killed mid-session costs no session. Endpoints are ipc://; every wait is bounded."""
+import ipaddress
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -32,13 +34,34 @@ WAIT_S = 60  # any single wait: two replicas share two cores with this process
 REPO = Path(__file__).resolve().parents[1]
 
 
+def listening():
+    """The TCP sockets listening on this machine -> {(address, port)}, from /proc/net/tcp and tcp6."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, _, state = line.split()[1:4]
+            if state == "0A":  # LISTEN
+                address, port = local.split(":")
+                raw = bytes.fromhex(address)
+                # the kernel prints each 32-bit word in host (little-endian) order
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((str(ipaddress.ip_address(raw)), int(port, 16)))
+    return found
+
+
+def _loopback(address):
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or getattr(ip, "ipv4_mapped", None) is not None and ip.ipv4_mapped.is_loopback
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """One local Ray instance, and a gateway process that deploys two replicas into it -> (bind, gateway
     process, models)."""
     root = tmp_path_factory.mktemp("ray")
     cloud_path, edge_path = save_tiny_pair(root / "models", seed=0)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    before = listening()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # on loopback: tests/conftest.py
     bind = f"ipc://{root}/gateway.sock"
     proc = None
     try:
@@ -47,11 +70,23 @@ def cluster(tmp_path_factory):
                              "--max-batch", "4", "--preview-every", "5", "--heartbeat", "0.2", "--bind", bind)
         models = {"cloud": StableDiffusionModel.from_pretrained(str(cloud_path)),
                   "edge": StableDiffusionModel.from_pretrained(str(edge_path))}
-        yield bind, proc, models
+        opened = listening() - before  # Ray's processes, its replicas' and the gateway's, from the start
+        yield bind, proc, models, opened
     finally:
         if proc is not None:
             assert daemons.stop(proc) == 0
         ray.shutdown()
+
+
+def test_ray_and_its_replicas_listen_on_loopback_only(cluster):
+    *_, opened = cluster
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
+    assert opened, "Ray opened no listening socket: the check saw nothing"
+    wide = sorted((a, p) for a, p in opened if not _loopback(a))
+    owners = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout if wide else ""
+    assert not wide, f"listening beyond loopback: {wide}\n{owners}"
 
 
 def _spec(model, steps, plan="cloud-only", seed=1, **params):
@@ -65,7 +100,7 @@ def _client(bind, models, **kw):
 
 
 def test_a_split_session_through_the_gateway_equals_the_one_process_run(cluster):
-    bind, _, models = cluster
+    bind, _, models, _ = cluster
     spec = _spec(models["cloud"], 12, "hybrid-sd", k=5)
     expected = run_plan(spec, models)[0]
     latent, summary = _client(bind, models).generate(spec)
@@ -76,7 +111,7 @@ def test_a_split_session_through_the_gateway_equals_the_one_process_run(cluster)
 
 
 def test_sixteen_concurrent_sessions_complete_on_both_replicas(cluster):
-    bind, _, models = cluster
+    bind, _, models, _ = cluster
     specs = [_spec(models["cloud"], 8, seed=seed) for seed in range(16)]
     results, workers, errors = {}, {}, []
 
@@ -113,7 +148,7 @@ def keys(tmp_path):
 
 def test_curve_and_the_limits_hold_at_a_gateway(cluster, keys, tmp_path):
     """A second gateway, in this process, in front of the same replicas: CURVE and its own limits."""
-    _, _, models = cluster
+    _, _, models, _ = cluster
     keydir, allowed = keys
     limits = ServingLimits(max_steps_per_session=50, max_sessions_per_client=1)
     engine = gateway.RayEngine(APP, max_batch=4, limits=limits)
@@ -152,7 +187,7 @@ def test_curve_and_the_limits_hold_at_a_gateway(cluster, keys, tmp_path):
 
 def test_a_replica_killed_mid_session_costs_no_session(cluster):
     """Last in the module: it leaves Serve restarting a replica (and checks that it does)."""
-    bind, proc, models = cluster
+    bind, proc, models, _ = cluster
     spec = _spec(models["cloud"], 100)
     expected = run_plan(spec, models)[0]
     killed = []

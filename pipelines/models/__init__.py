@@ -30,9 +30,19 @@ scheduler/engine.py, use nothing else):
 condition(encode_prompt(...), image, seed, noise_level) -> (cond, uncond) tuples, what its predict takes.
 """
 import json
+import logging
 import os
 
-from .sd import StableDiffusionModel
+# diffusers warns at every model load (twice a daemon start) that `accelerate` is missing and it loads with
+# low_cpu_mem_usage=False. Silenced on purpose, this one message only: with diffusers 0.42 both paths skip
+# the random initialisation, and bench/accelerate_load.py measured them equal (an 860 M-parameter UNet:
+# 3.74 s and 5435 MiB peak without accelerate, 3.72 s and 5436 MiB with it), so latentwire does not
+# require accelerate; where it is installed, diffusers uses it and never warns.
+ACCELERATE_WARNING = "Cannot initialize model with low cpu memory usage because `accelerate` was not found"
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: not record.getMessage().startswith(ACCELERATE_WARNING))
+
+from .sd import StableDiffusionModel  # noqa: E402 - after the filter, which every family's load passes
 
 # model_index.json's _class_name -> (module, class) of the family that loads it
 FAMILIES = {

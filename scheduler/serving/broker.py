@@ -13,14 +13,13 @@ with retries exhausted an edge with fallback finishes on its own model. No sessi
 restarts a worker that dies. On several machines run ``latentwire broker`` on one and ``latentwire
 cloud --connect BACKEND`` on each of the others.
 
-A worker's stderr is the pool's; its stdout is a pipe that tells the pool when the worker is ready, and
-from then on a thread reads every line of it into the pool's log (a pipe that nobody reads fills up,
-64 KiB on Linux, and blocks the worker's next print).
+Workers are started by the one launcher (process.Child): a worker's stderr is copied into the pool's, and
+a worker that dies before it serves fails the start at once with its last stderr lines; its stdout is a
+pipe that tells the pool when the worker is ready, and from then on a thread reads every line of it into
+the pool's log (a pipe that nobody reads fills up, 64 KiB on Linux, and blocks the worker's next print).
 """
 import logging
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -28,13 +27,12 @@ import time
 import zmq
 
 from ..logs import fields
-from .process import wait_ready
+from .process import Child, cli_command
 from .security import KeyError_, is_loopback, serve_curve
 
 READY_TIMEOUT_S = 120  # a worker imports torch and diffusers and loads its model before it serves
 STOP_TIMEOUT_S = 60  # SIGTERM lets a worker finish its requests in flight; then it is killed
 RESTART_DELAY_S = 1.0  # between a worker's death and its replacement: a crash loop must not spin
-DRAIN_JOIN_S = 5  # after a worker exits, how long the pool waits for its stdout reader to see the end
 log = logging.getLogger("latentwire.broker")
 
 
@@ -110,35 +108,26 @@ class Pool:
         self.endpoint = self.broker.frontend
         self.worker_args, self.metrics_port = list(worker_args), metrics_port
         self.procs = [None] * workers
-        self._drains = [None] * workers  # per slot, the thread that reads its worker's stdout once it is ready
         self.restarts = 0
         self._stop = threading.Event()
 
     def _command(self, slot):
-        cmd = [sys.executable, "-m", "latentwire.cli", "cloud", "--connect", self.broker.backend, *self.worker_args]
+        cmd = cli_command("cloud", "--connect", self.broker.backend, *self.worker_args)
         if self.metrics_port:
             cmd += ["--metrics-port", str(self.metrics_port + slot)]
         return cmd
 
     def _spawn(self, slot):
-        # stderr (its log) is ours; stdout a pipe: wait_ready, then _drain
-        proc = subprocess.Popen(self._command(slot), stdout=subprocess.PIPE, text=True, errors="replace")
-        self.procs[slot], self._drains[slot] = proc, None
-        return proc
+        # stderr is copied into ours (the pool's log); stdout a pipe: wait_ready, then _drain
+        child = Child(self._command(slot), name=f"worker {slot}")
+        self.procs[slot] = child
+        return child
 
     def _drain(self, slot):
-        """Read worker ``slot``'s stdout to its end on a daemon thread, each line into the pool's log; the
-        thread closes the pipe when the worker has closed its end."""
-        proc = self.procs[slot]
-
-        def read():
-            with proc.stdout:
-                for line in proc.stdout:
-                    log.info("worker stdout", extra=fields(slot=slot, pid=proc.pid, line=line.rstrip("\n")))
-
-        thread = threading.Thread(target=read, name=f"latentwire-worker-{slot}-stdout", daemon=True)
-        thread.start()
-        self._drains[slot] = thread
+        """Read worker ``slot``'s stdout to its end on a daemon thread, each line into the pool's log."""
+        child = self.procs[slot]
+        child.drain(lambda line: log.info("worker stdout", extra=fields(slot=slot, pid=child.pid,
+                                                                        line=line.rstrip("\n"))))
 
     def stop(self):
         self._stop.set()
@@ -152,8 +141,7 @@ class Pool:
         self.broker.start()
         try:
             for slot in range(len(self.procs)):
-                if not wait_ready(self._spawn(slot), "serving", READY_TIMEOUT_S):
-                    raise RuntimeError(f"worker {slot} did not start within {READY_TIMEOUT_S} s (its log is above)")
+                self._spawn(slot).wait_ready("serving", READY_TIMEOUT_S)  # a worker that dies first: ChildFailed
                 self._drain(slot)
             if on_ready is not None:
                 on_ready()
@@ -176,18 +164,9 @@ class Pool:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc, drain in zip(self.procs, self._drains):
-            if proc is None:
-                continue
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if drain is None:
-                proc.stdout.close()
-            else:  # it closes the pipe itself; a grandchild holding the pipe open must not hold up the stop
-                drain.join(timeout=DRAIN_JOIN_S)
+        for proc in self.procs:
+            if proc is not None:
+                proc.stop(timeout_s=max(0.1, deadline - time.monotonic()))
         self.broker.stop()
         self._dir.cleanup()
 

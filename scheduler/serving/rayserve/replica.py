@@ -24,6 +24,29 @@ from ...limits import DEFAULT_SERVING_LIMITS
 FINAL = ("handoff", "error")  # the events that end a session
 
 
+def _keep_serve_grpc_on_loopback():
+    """On a Ray node whose address is 127.0.0.1 (a single-machine cluster, as the tests and benchmarks
+    start), bind this replica's inter-deployment gRPC server to 127.0.0.1 too.
+
+    Ray Serve 2.60 binds it to "[::]:0", every interface, hard-coded in ray/serve/_private/replica.py,
+    even where every other Ray process listens on loopback; peers reach it at the node's address, here
+    127.0.0.1, so nothing is lost. Called in the replica's constructor, which runs before Serve starts that
+    server. tests/test_ray_serve.py checks that every socket a replica listens on is loopback; should Ray
+    rename what is wrapped here, this does nothing and that test says so."""
+    import ray
+    from ray.serve._private import replica as serve_replica
+
+    bind = getattr(serve_replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "latentwire_loopback", False) or ray.util.get_node_ip_address() != "127.0.0.1":
+        return
+
+    def on_loopback(server, address):
+        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    on_loopback.latentwire_loopback = True
+    serve_replica.add_port_to_grpc_server = on_loopback
+
+
 class CloudReplica:
     """model: what ``latentwire cloud --model`` takes (a diffusers folder, None: the embedded world model,
     'ideal'). threads: torch CPU threads (0: torch's default). The rest: the engine's."""
@@ -34,6 +57,7 @@ class CloudReplica:
 
         from latentwire.cli import _load  # the daemon's own loader, its errors included
 
+        _keep_serve_grpc_on_loopback()
         if threads:
             torch.set_num_threads(threads)
         try:
