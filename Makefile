@@ -11,7 +11,9 @@ CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.latentwire-installed
 # `make test-latest`: the newest release of everything but torch, in a venv of its own
 LATEST ?= .venv-latest
-TEST_ARGS ?= tests bench/test_step_device.py --benchmark-disable --durations=20
+# -n 2: both cores (pytest-xdist); --dist loadfile keeps a module on one worker, so a module-scoped fixture
+# (a Ray instance, a shared daemon) starts once
+TEST_ARGS ?= tests bench/test_step_device.py --benchmark-disable --durations=20 -n 2 --dist loadfile
 
 .PHONY: install test demo bench test-latest constraints clean
 

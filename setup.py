@@ -57,7 +57,7 @@ setup(
         "prometheus-client>=0.17",  # the cloud daemon's /metrics
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "hypothesis"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "hypothesis"],
         # Anchors the benchmarks compare against; not needed to use latentwire.
         "bench": ["pytest-benchmark", "safetensors", "blosc2", "zfpy", "matplotlib"],
         # latentwire cloud --ray (scheduler/serving/rayserve): nothing else imports it. Ray's wheel needs no torch.

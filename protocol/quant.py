@@ -107,11 +107,13 @@ def dequantize(q3, lo, step, out=None):
 
 
 # --- the same arithmetic on an accelerator: latentwire.kernels.quantize (Triton on CUDA) ------------
-# protocol and kernels are both at the bottom of the package (STYLE.md): protocol may use kernels, and
-# kernels never import protocol. The import is inside each function because CPU tensors never need
-# Triton (importing it costs ~0.5 s) and Triton fixes its interpreter mode when the kernels are
-# decorated, at import. The names come from the module path, kernels.quantize, so that a function
-# latentwire.kernels might one day re-export as ``quantize`` cannot stand in for the module.
+# protocol and kernels are both at the bottom of the package (the project's style guide, shared/STYLE.md
+# beside the repository): protocol may use kernels, and kernels never import protocol. The import is inside
+# each function because CPU tensors never need Triton (importing it costs ~0.5 s) and Triton fixes its
+# interpreter mode when the kernels are decorated, at import. The names come from the module path,
+# kernels.quantize, so that a function latentwire.kernels might one day re-export as ``quantize`` cannot stand
+# in for the module.
+
 
 def _on(device, values):
     return torch.from_numpy(np.array(values, np.float32)).to(device)  # a copy: header views are read-only

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from runcli import run_cli
 
 from latentwire.protocol import wire_bytes
 from latentwire.scheduler import wire
@@ -471,8 +472,11 @@ def test_parse_link_reads_link_profiles(tmp_path):
 # -- the command line -----------------------------------------------------------------------------------
 
 def _cli(*args, code=None):
-    cmd = [sys.executable, "-c", code] if code else [str(os.path.join(os.path.dirname(sys.executable), "latentwire"))]
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=120,
+    """`latentwire ARGS` in this process; with ``code``, that Python code in a fresh interpreter (what it
+    imports is the point), with ARGS as its sys.argv[1:]."""
+    if code is None:
+        return run_cli(*args)
+    return subprocess.run([sys.executable, "-P", "-c", code, *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

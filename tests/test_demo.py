@@ -8,6 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 import daemons
+from runcli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 PLANS = ["cloud-only", "edge-only", "hybrid-sd", "ec-diff", "preview-refine"]
@@ -31,8 +32,7 @@ def test_the_demo_writes_a_grid_and_a_report_and_stops_its_cloud(tmp_path):
 
 
 def test_eval_prints_the_scores_of_a_plan(tmp_path):
-    run = subprocess.run([daemons.CLI, "eval", "--plan", "hybrid-sd", "--k", "2", "--steps", "6", "--n", "8",
-                          "--json", "--threads", "1"], capture_output=True, text=True, timeout=300)
+    run = run_cli("eval", "--plan", "hybrid-sd", "--k", "2", "--steps", "6", "--n", "8", "--json", "--threads", "1")
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout)
     for key in ("attribute_accuracy", "frechet_distance", "cloud_model_calls", "edge_model_calls", "wall_s"):

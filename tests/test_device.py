@@ -7,6 +7,7 @@ import sys
 
 import daemons
 import pytest
+from runcli import run_cli
 import torch
 
 from latentwire.kernels import SolverState
@@ -16,7 +17,6 @@ from latentwire.scheduler import SessionSpec, make, run_plan, wire
 from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.wire import Codecs
 
-CLI = daemons.CLI
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))  # a bfloat16 latent goes as fp32: exact
 WAIT_S = 60
 
@@ -53,9 +53,7 @@ def test_a_bfloat16_split_across_two_processes_equals_one_process(pair, bf16, tm
                                                                              reference.edge_model_calls)
         # and the edge command, in bfloat16 too
         out = tmp_path / "bf16.png"
-        run = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--dtype", "bfloat16",
-                              "--prompt", "a red circle", "--plan", "hybrid-sd", "--steps", "6", "--out", str(out),
-                              "--json"], capture_output=True, text=True, timeout=WAIT_S * 2)
+        run = run_cli("edge", "--connect", bind, "--model", pair[1], "--dtype", "bfloat16", "--prompt", "a red circle", "--plan", "hybrid-sd", "--steps", "6", "--out", str(out), "--json")
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["cloud_model_calls"] == 2 and out.stat().st_size > 0
     finally:
@@ -83,16 +81,14 @@ def test_what_crosses_the_wire_is_encoded_from_a_cpu_copy_whatever_the_tensors_l
 def test_device_flags_fail_clearly(flags, message):
     if message is None:
         pytest.skip("this machine has CUDA: --device cuda is valid here")
-    run = subprocess.run([CLI, "edge", "--prompt", "a red circle", "--out", "x.png", *flags], capture_output=True,
-                         text=True, timeout=WAIT_S)
+    run = run_cli("edge", "--prompt", "a red circle", "--out", "x.png", *flags)
     assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr
 
 
 def test_a_bad_out_path_fails_before_the_generation(tmp_path):
     for out, message in ((tmp_path / "image.txt", "must end in one of"),
                          (tmp_path / "missing" / "image.png", "does not exist")):
-        run = subprocess.run([CLI, "edge", "--connect", "ipc:///nonexistent", "--prompt", "a red circle",
-                              "--out", str(out), "--timeout", "600"], capture_output=True, text=True, timeout=WAIT_S)
+        run = run_cli("edge", "--connect", "ipc:///nonexistent", "--prompt", "a red circle", "--out", str(out), "--timeout", "600")
         assert run.returncode != 0 and message in run.stderr  # at once: it never waited on the missing cloud
 
 

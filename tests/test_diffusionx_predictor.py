@@ -3,12 +3,10 @@ logistic fit, its objective's response to the cloud's load, the shipped weights,
 predict-noise`."""
 import json
 import math
-import os
 import random
-import subprocess
-import sys
 
 import pytest
+from runcli import run_cli
 
 from latentwire.pipelines.diffusionx import PromptSession
 from latentwire.pipelines.diffusionx.predictor import (FEATURES, STRENGTHS, WEIGHTS_PATH, NoisePredictor,
@@ -17,7 +15,6 @@ from latentwire.pipelines.diffusionx.predictor import (FEATURES, STRENGTHS, WEIG
 from latentwire.pipelines.embedded import CLOUD_PATH, EDGE_PATH
 from latentwire.pipelines.models.sd import StableDiffusionModel
 
-CLI = os.path.join(os.path.dirname(sys.executable), "latentwire")
 SAME = ("a red circle at the top left", "a red circle at the top left")
 ONE = ("a red circle at the top left", "a blue circle at the top left")
 THREE = ("a red circle at the top left", "a blue square at the bottom left")
@@ -106,14 +103,12 @@ def test_a_session_finalizes_at_the_predictors_strength():
 
 
 def test_predict_noise_shows_its_choice_and_why():
-    r = subprocess.run([CLI, "predict-noise", "--from", ONE[0], "--to", ONE[1], "--load", "0.5", "--json"],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli("predict-noise", "--from", ONE[0], "--to", ONE[1], "--load", "0.5", "--json")
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out["strength"] in STRENGTHS and out["word_edits"] == 1 and out["load"] == 0.5
     assert [c["strength"] for c in out["candidates"]] == list(STRENGTHS)
     assert math.isclose(min(c["objective_s"] for c in out["candidates"]),
                         next(c["objective_s"] for c in out["candidates"] if c["strength"] == out["strength"]))
-    bad = subprocess.run([CLI, "predict-noise", "--from", "a", "--to", "b", "--load", "2"], capture_output=True,
-                         text=True, timeout=120)
+    bad = run_cli("predict-noise", "--from", "a", "--to", "b", "--load", "2")
     assert bad.returncode != 0 and "load" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,13 +2,12 @@
 the cloud from the last preview's clean x_0 and the seed; one process against the plan it runs, and two
 real processes against one."""
 import json
-import os
-import subprocess
 from pathlib import Path
 
 import daemons
 import numpy as np
 import pytest
+from runcli import run_cli
 import torch
 from PIL import Image
 
@@ -94,9 +93,8 @@ def test_a_session_across_two_processes_equals_one_process(models, cloud):
     assert "latent" not in final.to_plain()
 
 
-def _cli(*args, stdin=None):
-    return subprocess.run([daemons.CLI, "session", *args], input=stdin, capture_output=True, text=True,
-                          timeout=WAIT_S * 3, env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+def _cli(*args, stdin=""):
+    return run_cli("session", *args, stdin=stdin)
 
 
 def test_the_session_command_from_a_rounds_file_and_typed(models, cloud, tmp_path):

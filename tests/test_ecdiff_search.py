@@ -2,12 +2,10 @@
 command line: `latentwire search` writes a plan file that eval, cost and edge run."""
 import itertools
 import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
+from runcli import run_cli
 
 from latentwire.pipelines.ecdiff import SearchError, search, share
 from latentwire.kernels.extrapolate import max_gap
@@ -16,7 +14,6 @@ from latentwire.pipelines.ecdiff.search import A_GRID, K_GRID, P_OFFSETS, PLACEM
 from latentwire.scheduler import Plan, make
 from latentwire.scheduler.plan import EC_DIFF_PRESETS, PlanError, ec_diff
 
-CLI = str(os.path.join(os.path.dirname(sys.executable), "latentwire"))
 
 
 def counts(plan):
@@ -122,8 +119,7 @@ def profile(folder, name, unet):
 
 
 def run(*args):
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run_cli(*args)
 
 
 def profiles(folder):

@@ -2,11 +2,11 @@
 from_pretrained, each piece checked against CogVideoXPipeline itself, and split generations of a cloud /
 edge pair (CogVideoX-5B / 2B in miniature) over a real `latentwire cloud` daemon on ipc://."""
 import json
-import subprocess
 import time
 
 import daemons
 import pytest
+from runcli import run_cli
 import torch
 from diffusers import CogVideoXPipeline
 from PIL import Image
@@ -23,7 +23,6 @@ from latentwire.scheduler.limits import DEFAULT_SERVING_LIMITS
 from latentwire.scheduler.serving.edge import CloudError, EdgeClient
 from latentwire.scheduler.wire import Codecs
 
-CLI = daemons.CLI
 REPLY_TIMEOUT_S = 60
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
 PROMPT, NEGATIVE = "a red circle on a blue square", "green"
@@ -198,9 +197,7 @@ def test_a_scheduler_the_fused_step_cannot_run_is_named_before_anything_is_sent(
 
 def test_the_edge_command_writes_every_frame_of_the_video(cloud, pair, tmp_path):
     out = tmp_path / "video.gif"
-    run = subprocess.run([CLI, "edge", "--connect", cloud, "--model", pair[1], "--prompt", PROMPT, "--plan",
-                          "hybrid-sd", "--k", "2", "--steps", "4", "--seed", "3", "--out", str(out), "--json"],
-                         capture_output=True, text=True, timeout=180)
+    run = run_cli("edge", "--connect", cloud, "--model", pair[1], "--prompt", PROMPT, "--plan", "hybrid-sd", "--k", "2", "--steps", "4", "--seed", "3", "--out", str(out), "--json")
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert (summary["plan"], summary["cloud_model_calls"], summary["edge_model_calls"]) == ("hybrid-sd", 2, 2)

@@ -4,10 +4,10 @@ process bit for bit equal to one process, its real latent's handoff bytes, and c
 does not share a latent space or a scheduler that does not step a flow velocity."""
 import copy
 import json
-import subprocess
 
 import daemons
 import pytest
+from runcli import run_cli
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
@@ -19,7 +19,6 @@ from latentwire.scheduler import PlanError, SessionSpec, run_plan, wire
 from latentwire.scheduler.serving.edge import CloudError, EdgeClient
 from latentwire.scheduler.wire import Codecs
 
-CLI = daemons.CLI
 WAIT_S = 120
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
 PROMPT, NEGATIVE = "a red circle on a blue square", "green"
@@ -197,9 +196,7 @@ def test_an_sd_edge_is_refused_by_an_sd3_cloud_naming_the_latent_space(cloud, mo
 
 def test_the_edge_command_against_an_sd3_cloud_writes_an_image(cloud, folders, tmp_path):
     out = tmp_path / "sd3.png"
-    run = subprocess.run([CLI, "edge", "--connect", cloud, "--model", folders["edge"], "--prompt", PROMPT,
-                          "--steps", "4", "--plan", "hybrid-sd", "--k", "2", "--seed", "3", "--json",
-                          "--out", str(out)], capture_output=True, text=True, timeout=WAIT_S)
+    run = run_cli("edge", "--connect", cloud, "--model", folders["edge"], "--prompt", PROMPT, "--steps", "4", "--plan", "hybrid-sd", "--k", "2", "--seed", "3", "--json", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert (summary["plan"], summary["cloud_model_calls"], summary["edge_model_calls"]) == ("hybrid-sd", 2, 2)

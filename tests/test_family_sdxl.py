@@ -4,12 +4,11 @@ folder loads with the real from_pretrained; its pieces equal StableDiffusionXLPi
 cloud` daemon serves it to an EdgeClient (cloud-only: equal to the pipeline; hybrid-sd: equal to one process
 bit for bit) and to `latentwire edge`; an SD edge is refused by name; a real-size handoff's bytes are counted."""
 import json
-import os
 import shutil
-import subprocess
 
 import daemons
 import pytest
+from runcli import run_cli
 import torch
 from diffusers import StableDiffusionXLPipeline
 
@@ -23,7 +22,6 @@ from latentwire.scheduler.engine import CloudEngine
 from latentwire.scheduler.serving.edge import CloudError, EdgeClient
 from latentwire.scheduler.wire import Codecs
 
-CLI = daemons.CLI
 REPLY_TIMEOUT_S = 60
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
 PROMPT, NEGATIVE = "a red circle on a blue square", "green"
@@ -177,9 +175,7 @@ def test_an_sd_edge_is_refused_by_the_sdxl_cloud_naming_the_space(cloud, models,
 
 def test_the_edge_command_against_the_sdxl_cloud_writes_an_image_and_a_json_summary(cloud, pair, tmp_path):
     out = tmp_path / "sdxl.png"
-    run = subprocess.run([CLI, "edge", "--connect", cloud, "--model", pair[1], "--prompt", PROMPT, "--steps", "4",
-                          "--k", "2", "--seed", "3", "--json", "--out", str(out)],
-                         capture_output=True, text=True, timeout=180, env={**os.environ})
+    run = run_cli("edge", "--connect", cloud, "--model", pair[1], "--prompt", PROMPT, "--steps", "4", "--k", "2", "--seed", "3", "--json", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert (summary["plan"], summary["steps"], summary["cloud_model_calls"], summary["edge_model_calls"]) == (

@@ -2,10 +2,10 @@
 swapped in the diffusers way (`--scheduler NAME`, `scheduler=` in the Python API), and clear errors,
 never a traceback, for what the fused step cannot run. Real daemons over ipc://."""
 import json
-import subprocess
 
 import daemons
 import pytest
+from runcli import run_cli
 import torch
 
 from latentwire.kernels import UnsupportedScheduler
@@ -15,7 +15,6 @@ from latentwire.scheduler import SessionSpec, run_plan
 from latentwire.scheduler.serving.edge import EdgeClient
 from latentwire.scheduler.wire import Codecs
 
-CLI = daemons.CLI
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
 WAIT_S = 120
 PROMPT = "a red circle"
@@ -43,9 +42,7 @@ def cloud(pndm_pair, tmp_path_factory):
 
 
 def _edge(bind, model_path, out, *flags):
-    return subprocess.run([CLI, "edge", "--connect", bind, "--model", model_path, "--prompt", PROMPT, "--out", str(out),
-                           "--steps", "6", "--seed", "2", "--json", *flags], capture_output=True, text=True,
-                          timeout=WAIT_S)
+    return run_cli("edge", "--connect", bind, "--model", model_path, "--prompt", PROMPT, "--out", str(out), "--steps", "6", "--seed", "2", "--json", *flags)
 
 
 def test_a_scheduler_swapped_in_the_diffusers_way_serves_a_split(cloud, pndm_pair, models, tmp_path):

@@ -1,11 +1,11 @@
 """CURVE: only edges holding an admitted key get in, a refused edge learns it at once, and a daemon will
 not serve a non-loopback address in the clear. Daemons run as real processes on loopback."""
 import shutil
-import subprocess
 import time
 
 import daemons
 import pytest
+from runcli import run_cli
 
 from latentwire.pipelines.models.sd import StableDiffusionModel
 from latentwire.pipelines.models.tiny import save_tiny_pair
@@ -13,7 +13,6 @@ from latentwire.scheduler import SessionSpec, make
 from latentwire.scheduler.serving.edge import CloudRefused, CloudUnavailable, EdgeClient
 from latentwire.scheduler.serving.security import KeyError_, write_keys
 
-CLI = daemons.CLI
 TIMEOUT_S = 30
 
 
@@ -22,7 +21,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sec")
     cloud_path, edge_path = save_tiny_pair(root / "models", seed=0)
     for name in ("server", "alice", "mallory"):
-        run = subprocess.run([CLI, "keys", str(root / "keys"), name], capture_output=True, text=True, timeout=60)
+        run = run_cli("keys", str(root / "keys"), name)
         assert run.returncode == 0 and f"{name}.key_secret" in run.stdout
     (root / "allowed").mkdir()
     shutil.copy(root / "keys" / "alice.key", root / "allowed")
@@ -76,6 +75,5 @@ def test_key_files_are_checked(setup, tmp_path):
 
 def test_a_non_loopback_bind_is_refused_without_curve(setup):
     root, _, _ = setup
-    run = subprocess.run([CLI, "cloud", "--bind", "tcp://0.0.0.0:5599", "--model", str(root / "models" / "cloud")],
-                         capture_output=True, text=True, timeout=120)
+    run = run_cli("cloud", "--bind", "tcp://0.0.0.0:5599", "--model", str(root / "models" / "cloud"))
     assert run.returncode != 0 and "refusing to serve tcp://0.0.0.0:5599 in the clear" in run.stderr

@@ -1,5 +1,6 @@
-"""protocol reaches the quantize kernels by plain imports, in the direction STYLE.md allows: protocol and
-kernels are both at the bottom of the package; protocol may import kernels, kernels never import protocol."""
+"""protocol reaches the quantize kernels by plain imports, in the direction the project's style guide
+(shared/STYLE.md) allows: protocol and kernels are both at the bottom of the package; protocol may import
+kernels, kernels never import protocol."""
 import ast
 import sys
 from pathlib import Path

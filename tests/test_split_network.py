@@ -2,12 +2,11 @@
 once as `latentwire edge`), over ipc:// and tcp://127.0.0.1 with bounded waits. The split run must
 equal what one process computes with the same models, seed and plan."""
 import json
-import os
-import subprocess
 import time
 
 import daemons
 import pytest
+from runcli import run_cli
 import torch
 from diffusers import StableDiffusionPipeline
 
@@ -17,7 +16,6 @@ from latentwire.scheduler import SessionSpec, make, run_plan
 from latentwire.scheduler.serving.edge import CloudError, CloudUnavailable, EdgeClient
 from latentwire.scheduler.wire import Codecs
 
-CLI = daemons.CLI
 REPLY_TIMEOUT_S = 60
 EXACT = Codecs(latent=("fp32", 0), state=("fp32", 0))
 PROMPT, NEGATIVE = "a red circle on a blue square", "green"
@@ -125,8 +123,7 @@ def test_models_that_do_not_share_a_text_space_are_refused(cloud, pair):
 
 
 def test_an_unknown_model_folder_is_a_clear_error(tmp_path):
-    run = subprocess.run([CLI, "cloud", "--bind", f"ipc://{tmp_path}/x.sock", "--model", str(tmp_path / "nothing")],
-                         capture_output=True, text=True, timeout=120)
+    run = run_cli("cloud", "--bind", f"ipc://{tmp_path}/x.sock", "--model", str(tmp_path / "nothing"))
     assert run.returncode != 0 and "has no model_index.json" in run.stderr and "Traceback" not in run.stderr
 
 
@@ -195,11 +192,7 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
     proc = daemons.start("cloud", "--model", pair[0], "--bind", bind)
     try:
         out = tmp_path / "image.png"
-        run = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT,
-                              "--plan", "ec-diff", "--p", "2", "--k", "1", "--s", "4", "--steps", "6",
-                              "--seed", "3", "--out", str(out), "--json", "--link", "100mbit-20ms",
-                              "--latent-codec", "auto"],
-                             capture_output=True, text=True, timeout=180, env={**os.environ})
+        run = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan", "ec-diff", "--p", "2", "--k", "1", "--s", "4", "--steps", "6", "--seed", "3", "--out", str(out), "--json", "--link", "100mbit-20ms", "--latent-codec", "auto")
         assert run.returncode == 0, run.stderr[-2000:]
         summary = json.loads(run.stdout)
         for key in ("plan", "steps", "cloud_model_calls", "edge_model_calls", "forecast_steps", "bytes_up",
@@ -209,23 +202,17 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
         assert summary["link"] == "100mbit-20ms" and summary["latent_codec"][0] in ("fp32", "fp16", "bf16", "int8")
         assert summary["cloud_model_calls"] + summary["forecast_steps"] == 4 and summary["forecast_steps"] >= 1
         assert out.stat().st_size > 0
-        shown = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT,
-                                "--plan", "hybrid-sd", "--k", "2", "--steps", "4", "--out", str(out)],
-                               capture_output=True, text=True, timeout=180)
+        shown = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan", "hybrid-sd", "--k", "2", "--steps", "4", "--out", str(out))
         assert shown.returncode == 0 and "step   4/4 edge" in shown.stderr and "hybrid-sd" in shown.stderr
         # a plan from a file (what `latentwire search --out` writes) runs across the two processes as the flags'
         plan_file = tmp_path / "plan.json"
         plan_file.write_text(json.dumps(make("ec-diff", 6, p=2, k=1, s=4).to_plain()))
-        filed = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file",
-                                str(plan_file), "--steps", "6", "--seed", "3", "--out", str(out), "--json"],
-                               capture_output=True, text=True, timeout=180)
+        filed = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file", str(plan_file), "--steps", "6", "--seed", "3", "--out", str(out), "--json")
         assert filed.returncode == 0, filed.stderr[-2000:]
         assert {k: json.loads(filed.stdout)[k] for k in ("plan", "cloud_model_calls", "forecast_steps",
                                                          "edge_model_calls")} == \
             {k: summary[k] for k in ("plan", "cloud_model_calls", "forecast_steps", "edge_model_calls")}
-        wrong = subprocess.run([CLI, "edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file",
-                                str(plan_file), "--steps", "5", "--out", str(out)], capture_output=True, text=True,
-                               timeout=180)
+        wrong = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file", str(plan_file), "--steps", "5", "--out", str(out))
         assert wrong.returncode != 0 and "covers 6 steps" in wrong.stderr and "Traceback" not in wrong.stderr
     finally:
         assert daemons.stop(proc) == 0
