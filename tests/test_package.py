@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TAKEN = {"kernels", "protocol", "scheduler", "pipelines", "tests", "bench"}
+VENVS = [p.name for p in REPO.iterdir() if (p / "pyvenv.cfg").exists()]  # .venv, .venv-latest: not the package's
 
 
 def _top_levels(paths):
@@ -56,7 +57,7 @@ def test_installed_distribution_files_are_all_under_latentwire(tmp_path):
 def target_install(tmp_path_factory):
     """A real (non-editable) install of a copy of this checkout into an empty folder."""
     src = tmp_path_factory.mktemp("src") / "latentwire"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__"))
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*VENVS, ".git", "build", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(src)], check=True, timeout=300,
@@ -79,7 +80,7 @@ def test_a_real_install_holds_only_latentwire(target_install):
                    for r in record)
     # every package of the checkout is installed (a subpackage setup.py forgot would import only in place)
     packages = {"latentwire/" + str(p.relative_to(REPO)) for p in REPO.rglob("__init__.py")
-                if p.parts[len(REPO.parts)] not in ("tests", "bench", ".venv", "build", ".git")}
+                if p.parts[len(REPO.parts)] not in ("tests", "bench", "build", ".git", *VENVS)}
     assert packages <= set(record), packages - set(record)
     assert "latentwire/pipelines/diffusionx/predictor.json" in record  # the predictor's weights travel
     # the embedded models and the judge travel with the package: the daemons and the demo load them
