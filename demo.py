@@ -20,7 +20,6 @@ PLANS = [("cloud-only", {}), ("edge-only", {}), ("hybrid-sd", {}), ("ec-diff", {
 PROMPTS = 6
 STEPS = 20
 SCALE = 4  # pixels per world pixel in the grid
-READY_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 10  # after SIGTERM the cloud finishes what it holds (nothing: the demo is done), else it is killed
 LABEL_H = 14  # pixels of the grid's header row
 SCENE_STRIDE = 7
@@ -32,7 +31,7 @@ def start_cloud(bind, cloud, log_path):
     from latentwire.scheduler.serving.process import Child, cli_command
 
     args = ["cloud", "--bind", bind, "--threads", "1"] + (["--model", "ideal"] if cloud == "ideal" else [])
-    return Child(cli_command(*args), log=log_path, name="the demo's cloud").wait_ready("serving", READY_TIMEOUT_S)
+    return Child(cli_command(*args), log=log_path, name="the demo's cloud").wait_ready("serving")
 
 
 def grid(rows, plan_names):

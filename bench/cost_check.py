@@ -108,7 +108,8 @@ def echo_round_trips(host, sizes, prefix=()):
     """Round trips (seconds) of messages echoed by a ROUTER in another process (started with ``prefix``:
     ``ip netns exec NAME`` puts it in a namespace) bound on ``host`` -> {size: [seconds]}. sizes: (bytes,
     rounds, warm-up rounds) each; the warm-up rounds are not returned."""
-    echo = subprocess.Popen([*prefix, sys.executable, "-c", ECHO, f"tcp://{host}"], stdout=subprocess.PIPE, text=True)
+    echo = subprocess.Popen([*prefix, sys.executable, "-P", "-c", ECHO, f"tcp://{host}"], stdout=subprocess.PIPE,
+                            text=True)
     try:
         port = int(echo.stdout.readline())
         ctx = zmq.Context()

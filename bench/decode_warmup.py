@@ -50,7 +50,8 @@ def main(argv=None):
     folder = save_tiny_pipeline(str(Path(tempfile.mkdtemp(prefix="latentwire-warmup-")) / "cloud"), image_size=512)
     ratios = []
     for k in range(args.processes):
-        done = subprocess.run([sys.executable, "-c", CHILD, folder, str(args.repeats)], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-P", "-c", CHILD, folder, str(args.repeats)], capture_output=True,
+                              text=True)
         if done.returncode:
             raise SystemExit(done.stderr[-2000:])
         before, after = (float(v) for v in done.stdout.split())

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import torch
 
-from latentwire.scheduler.serving.process import Child, cli_command
+from latentwire.scheduler.serving.process import READY_TIMEOUT_S, Child, cli_command
 
 REPO = Path(__file__).resolve().parents[1]  # daemons start here, where the root's kernels/ could shadow an import
 CLI = str(Path(sys.executable).with_name("latentwire"))  # the console script: as a user runs `latentwire`
-READY_TIMEOUT_S = 120  # the daemon imports torch, diffusers and transformers (and a pool: N workers) first
 
 
 def free_port():

@@ -53,7 +53,8 @@ def test_a_bfloat16_split_across_two_processes_equals_one_process(pair, bf16, tm
                                                                              reference.edge_model_calls)
         # and the edge command, in bfloat16 too
         out = tmp_path / "bf16.png"
-        run = run_cli("edge", "--connect", bind, "--model", pair[1], "--dtype", "bfloat16", "--prompt", "a red circle", "--plan", "hybrid-sd", "--steps", "6", "--out", str(out), "--json")
+        run = run_cli("edge", "--connect", bind, "--model", pair[1], "--dtype", "bfloat16", "--prompt", "a red circle",
+                      "--plan", "hybrid-sd", "--steps", "6", "--out", str(out), "--json")
         assert run.returncode == 0, run.stderr
         assert json.loads(run.stdout)["cloud_model_calls"] == 2 and out.stat().st_size > 0
     finally:
@@ -88,13 +89,15 @@ def test_device_flags_fail_clearly(flags, message):
 def test_a_bad_out_path_fails_before_the_generation(tmp_path):
     for out, message in ((tmp_path / "image.txt", "must end in one of"),
                          (tmp_path / "missing" / "image.png", "does not exist")):
-        run = run_cli("edge", "--connect", "ipc:///nonexistent", "--prompt", "a red circle", "--out", str(out), "--timeout", "600")
+        run = run_cli("edge", "--connect", "ipc:///nonexistent", "--prompt", "a red circle", "--out", str(out),
+                      "--timeout", "600")
         assert run.returncode != 0 and message in run.stderr  # at once: it never waited on the missing cloud
 
 
 def test_latentwire_keys_imports_no_torch(tmp_path):
     code = ("import sys; from latentwire.cli import main; main(['keys', sys.argv[1], 'alice']); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=WAIT_S)
+    run = subprocess.run([sys.executable, "-P", "-c", code, str(tmp_path)], capture_output=True, text=True,
+                         timeout=WAIT_S)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "alice.key").exists() and (tmp_path / "alice.key_secret").exists()

@@ -197,7 +197,8 @@ def test_a_scheduler_the_fused_step_cannot_run_is_named_before_anything_is_sent(
 
 def test_the_edge_command_writes_every_frame_of_the_video(cloud, pair, tmp_path):
     out = tmp_path / "video.gif"
-    run = run_cli("edge", "--connect", cloud, "--model", pair[1], "--prompt", PROMPT, "--plan", "hybrid-sd", "--k", "2", "--steps", "4", "--seed", "3", "--out", str(out), "--json")
+    run = run_cli("edge", "--connect", cloud, "--model", pair[1], "--prompt", PROMPT, "--plan", "hybrid-sd", "--k", "2",
+                  "--steps", "4", "--seed", "3", "--out", str(out), "--json")
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert (summary["plan"], summary["cloud_model_calls"], summary["edge_model_calls"]) == ("hybrid-sd", 2, 2)

@@ -300,7 +300,8 @@ def test_an_sd_edge_is_refused_by_the_flux_cloud_naming_the_latent_space(cloud, 
 
 def test_the_edge_command_against_the_flux_cloud_writes_an_image(cloud, paths, tmp_path):
     out = tmp_path / "flux.png"
-    run = run_cli("edge", "--connect", cloud, "--model", paths["edge"], "--prompt", PROMPT, "--plan", "hybrid-sd", "--k", "2", "--steps", "4", "--seed", "3", "--guidance", "3.5", "--out", str(out), "--json")
+    run = run_cli("edge", "--connect", cloud, "--model", paths["edge"], "--prompt", PROMPT, "--plan", "hybrid-sd",
+                  "--k", "2", "--steps", "4", "--seed", "3", "--guidance", "3.5", "--out", str(out), "--json")
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert (summary["plan"], summary["cloud_model_calls"], summary["edge_model_calls"]) == ("hybrid-sd", 2, 2)

@@ -196,7 +196,8 @@ def test_an_sd_edge_is_refused_by_an_sd3_cloud_naming_the_latent_space(cloud, mo
 
 def test_the_edge_command_against_an_sd3_cloud_writes_an_image(cloud, folders, tmp_path):
     out = tmp_path / "sd3.png"
-    run = run_cli("edge", "--connect", cloud, "--model", folders["edge"], "--prompt", PROMPT, "--steps", "4", "--plan", "hybrid-sd", "--k", "2", "--seed", "3", "--json", "--out", str(out))
+    run = run_cli("edge", "--connect", cloud, "--model", folders["edge"], "--prompt", PROMPT, "--steps", "4", "--plan",
+                  "hybrid-sd", "--k", "2", "--seed", "3", "--json", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert (summary["plan"], summary["cloud_model_calls"], summary["edge_model_calls"]) == ("hybrid-sd", 2, 2)

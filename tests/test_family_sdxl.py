@@ -175,7 +175,8 @@ def test_an_sd_edge_is_refused_by_the_sdxl_cloud_naming_the_space(cloud, models,
 
 def test_the_edge_command_against_the_sdxl_cloud_writes_an_image_and_a_json_summary(cloud, pair, tmp_path):
     out = tmp_path / "sdxl.png"
-    run = run_cli("edge", "--connect", cloud, "--model", pair[1], "--prompt", PROMPT, "--steps", "4", "--k", "2", "--seed", "3", "--json", "--out", str(out))
+    run = run_cli("edge", "--connect", cloud, "--model", pair[1], "--prompt", PROMPT, "--steps", "4", "--k", "2",
+                  "--seed", "3", "--json", "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
     summary = json.loads(run.stdout)
     assert (summary["plan"], summary["steps"], summary["cloud_model_calls"], summary["edge_model_calls"]) == (

@@ -14,7 +14,7 @@ IMPORT_TIMEOUT_S = 120  # torch, diffusers and triton on a slow, shared machine
 def imported_by(code):
     """The latentwire modules in sys.modules after running ``code`` in a fresh interpreter."""
     report = "import json, sys; print(json.dumps(sorted(m for m in sys.modules if m.startswith('latentwire'))))"
-    run = subprocess.run([sys.executable, "-c", f"{code}\n{report}"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-P", "-c", f"{code}\n{report}"], capture_output=True, text=True,
                          timeout=IMPORT_TIMEOUT_S)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.splitlines()[-1])

@@ -59,7 +59,7 @@ def target_install(tmp_path_factory):
     src = tmp_path_factory.mktemp("src") / "latentwire"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(*VENVS, ".git", "build", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+    subprocess.run([sys.executable, "-P", "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(src)], check=True, timeout=300,
                    env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     return target

@@ -22,7 +22,8 @@ SILENT_TIMEOUT_S = 1.0
 
 def child(code, **kw):
     """python -c CODE with its stdout a text pipe, as the daemons' parents start them."""
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen([sys.executable, "-P", "-c", textwrap.dedent(code)], stdout=subprocess.PIPE, text=True,
+                            **kw)
 
 
 @pytest.fixture
@@ -97,7 +98,7 @@ def test_a_child_that_exits_while_its_own_child_holds_the_pipe(procs):
     # no end of file while the grandchild lives: the exit itself must end the wait
     procs.append(child("""
         import subprocess, sys
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(10)"])
+        subprocess.Popen([sys.executable, "-P", "-c", "import time; time.sleep(10)"])
     """))
     ready, took = timed(procs[-1], "serving", TIMEOUT_S)
     assert not ready and took < QUICK_S
@@ -122,7 +123,7 @@ def test_a_silent_child_times_out(procs):
 
 
 def test_a_binary_pipe(procs):
-    procs.append(subprocess.Popen([sys.executable, "-c", "import os, time; os.write(1, b'a\\nready\\n'); "
+    procs.append(subprocess.Popen([sys.executable, "-P", "-c", "import os, time; os.write(1, b'a\\nready\\n'); "
                                    "time.sleep(60)"], stdout=subprocess.PIPE))
     ready, took = timed(procs[-1], "ready", TIMEOUT_S)
     assert ready and took < QUICK_S
@@ -140,7 +141,7 @@ def test_the_marker_must_be_one_line(procs):
 def test_a_child_that_dies_before_it_is_ready_is_reported_at_once_with_its_stderr(tmp_path):
     code = "import sys; print('loading'); sys.stderr.write('step one\\nno model at /nowhere\\n'); sys.exit(3)"
     for log in (tmp_path / "child.log", None):  # its stderr in a file, or copied into ours
-        child = Child([sys.executable, "-c", code], log=log, name="the test's cloud")
+        child = Child([sys.executable, "-P", "-c", code], log=log, name="the test's cloud")
         start = time.monotonic()
         with pytest.raises(ChildFailed) as failed:
             child.wait_ready("serving", timeout_s=600)
@@ -153,7 +154,7 @@ def test_a_child_that_dies_before_it_is_ready_is_reported_at_once_with_its_stder
 
 
 def test_a_silent_child_is_killed_and_reported_with_its_stderr(tmp_path):
-    child = Child([sys.executable, "-c", "import sys, time; sys.stderr.write('stuck\\n'); sys.stderr.flush(); "
+    child = Child([sys.executable, "-P", "-c", "import sys, time; sys.stderr.write('stuck\\n'); sys.stderr.flush(); "
                    "time.sleep(60)"], log=tmp_path / "child.log")
     with pytest.raises(ChildFailed, match=r"did not print 'serving' within 1.0 s and was killed") as failed:
         child.wait_ready("serving", timeout_s=1.0)
@@ -164,7 +165,7 @@ def test_a_silent_child_is_killed_and_reported_with_its_stderr(tmp_path):
 def test_a_ready_child_is_stopped_by_sigterm_and_its_stderr_copied(capfd):
     code = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
             "sys.stderr.write('a warning\\n'); print('serving', flush=True); time.sleep(60)")
-    child = Child([sys.executable, "-c", code]).wait_ready("serving", TIMEOUT_S)
+    child = Child([sys.executable, "-P", "-c", code]).wait_ready("serving", TIMEOUT_S)
     assert child.stop(TIMEOUT_S) == 0 and child.stdout.closed
     child._copier.join(TIMEOUT_S)
     assert "a warning" in capfd.readouterr().err and child.stderr_tail() == "a warning\n"
@@ -173,7 +174,7 @@ def test_a_ready_child_is_stopped_by_sigterm_and_its_stderr_copied(capfd):
 def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout():
     stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('serving', flush=True); "
                 "time.sleep(60)")
-    child = Child([sys.executable, "-c", stubborn]).wait_ready("serving", TIMEOUT_S)  # SIGTERM ignored from here
+    child = Child([sys.executable, "-P", "-c", stubborn]).wait_ready("serving", TIMEOUT_S)  # SIGTERM ignored from here
     try:
         start = time.monotonic()
         assert child.stop(0.5) == -signal.SIGKILL
@@ -218,7 +219,7 @@ class ChattyPool(Pool):
         self.done = done
 
     def _command(self, slot):
-        return [sys.executable, "-c", CHATTY_WORKER.format(lines=CHATTY_LINES), str(self.done)]
+        return [sys.executable, "-P", "-c", CHATTY_WORKER.format(lines=CHATTY_LINES), str(self.done)]
 
 
 class Lines(logging.Handler):

@@ -42,7 +42,8 @@ def cloud(pndm_pair, tmp_path_factory):
 
 
 def _edge(bind, model_path, out, *flags):
-    return run_cli("edge", "--connect", bind, "--model", model_path, "--prompt", PROMPT, "--out", str(out), "--steps", "6", "--seed", "2", "--json", *flags)
+    return run_cli("edge", "--connect", bind, "--model", model_path, "--prompt", PROMPT, "--out", str(out), "--steps",
+                   "6", "--seed", "2", "--json", *flags)
 
 
 def test_a_scheduler_swapped_in_the_diffusers_way_serves_a_split(cloud, pndm_pair, models, tmp_path):

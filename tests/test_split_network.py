@@ -192,7 +192,9 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
     proc = daemons.start("cloud", "--model", pair[0], "--bind", bind)
     try:
         out = tmp_path / "image.png"
-        run = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan", "ec-diff", "--p", "2", "--k", "1", "--s", "4", "--steps", "6", "--seed", "3", "--out", str(out), "--json", "--link", "100mbit-20ms", "--latent-codec", "auto")
+        run = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan", "ec-diff", "--p",
+                      "2", "--k", "1", "--s", "4", "--steps", "6", "--seed", "3", "--out", str(out), "--json", "--link",
+                      "100mbit-20ms", "--latent-codec", "auto")
         assert run.returncode == 0, run.stderr[-2000:]
         summary = json.loads(run.stdout)
         for key in ("plan", "steps", "cloud_model_calls", "edge_model_calls", "forecast_steps", "bytes_up",
@@ -202,17 +204,20 @@ def test_the_edge_command_over_tcp_writes_an_image_and_a_json_summary(pair, tmp_
         assert summary["link"] == "100mbit-20ms" and summary["latent_codec"][0] in ("fp32", "fp16", "bf16", "int8")
         assert summary["cloud_model_calls"] + summary["forecast_steps"] == 4 and summary["forecast_steps"] >= 1
         assert out.stat().st_size > 0
-        shown = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan", "hybrid-sd", "--k", "2", "--steps", "4", "--out", str(out))
+        shown = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan", "hybrid-sd", "--k",
+                        "2", "--steps", "4", "--out", str(out))
         assert shown.returncode == 0 and "step   4/4 edge" in shown.stderr and "hybrid-sd" in shown.stderr
         # a plan from a file (what `latentwire search --out` writes) runs across the two processes as the flags'
         plan_file = tmp_path / "plan.json"
         plan_file.write_text(json.dumps(make("ec-diff", 6, p=2, k=1, s=4).to_plain()))
-        filed = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file", str(plan_file), "--steps", "6", "--seed", "3", "--out", str(out), "--json")
+        filed = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file",
+                        str(plan_file), "--steps", "6", "--seed", "3", "--out", str(out), "--json")
         assert filed.returncode == 0, filed.stderr[-2000:]
         assert {k: json.loads(filed.stdout)[k] for k in ("plan", "cloud_model_calls", "forecast_steps",
                                                          "edge_model_calls")} == \
             {k: summary[k] for k in ("plan", "cloud_model_calls", "forecast_steps", "edge_model_calls")}
-        wrong = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file", str(plan_file), "--steps", "5", "--out", str(out))
+        wrong = run_cli("edge", "--connect", bind, "--model", pair[1], "--prompt", PROMPT, "--plan-file",
+                        str(plan_file), "--steps", "5", "--out", str(out))
         assert wrong.returncode != 0 and "covers 6 steps" in wrong.stderr and "Traceback" not in wrong.stderr
     finally:
         assert daemons.stop(proc) == 0
