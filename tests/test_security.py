@@ -1,6 +1,7 @@
 """CURVE: only edges holding an admitted key get in, a refused edge learns it at once, and a daemon will
 not serve a non-loopback address in the clear. Daemons run as real processes on loopback."""
 import shutil
+import threading
 import time
 
 import daemons
@@ -55,6 +56,40 @@ def test_an_unknown_key_is_refused_clearly_and_quickly(setup):
     with pytest.raises(CloudRefused, match="does not admit this edge's key"):
         client.generate(_spec(edge))
     assert time.monotonic() - start < TIMEOUT_S / 2  # told by the handshake, not by the deadline
+
+
+class _LateSender(EdgeClient):
+    """Sends only once the cloud has refused the handshake: its DEALER then has no pipe to queue on."""
+
+    def _socket(self):
+        sock = super()._socket()
+        time.sleep(HANDSHAKE_S)
+        return sock
+
+
+HANDSHAKE_S = 1.0  # far longer than a loopback CURVE handshake and its refusal take
+
+
+@pytest.mark.parametrize("call", ["generate", "health"])
+def test_a_refused_edge_that_sends_after_the_refusal_is_told_and_does_not_hang(setup, call):
+    # a plain send blocked for good here; which came first, the refusal or the send, was up to the scheduler
+    root, bind, edge = setup
+    client = _LateSender(bind, edge, timeout_s=TIMEOUT_S, curve_secret=root / "keys" / "mallory.key_secret",
+                         server_key=root / "keys" / "server.key", retries=0)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_catch(getattr(client, call),
+                                                                    *([_spec(edge)] if call == "generate" else []))))
+    thread.start()
+    thread.join(TIMEOUT_S * 2)
+    assert not thread.is_alive(), "the send blocked"
+    assert isinstance(outcome[0], CloudRefused) and "does not admit this edge's key" in str(outcome[0])
+
+
+def _catch(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # the outcome is checked by the test
+        return e
 
 
 def test_a_plaintext_edge_gets_nothing_through(setup):

@@ -166,7 +166,7 @@ class EdgeClient:
             sock = self._socket()
             try:
                 request = uuid.uuid4().bytes
-                sock.send_multipart([request] + wire.HealthRequest().to_frames(), copy=False)
+                self._put(sock, [request] + wire.HealthRequest().to_frames())
                 health = asdict(self._await(sock, request, kind=wire.Health))
                 return {k: v for k, v in health.items() if not (k == "replicas" and v is None)}  # a gateway's only
             except _Retryable as e:
@@ -291,8 +291,29 @@ class EdgeClient:
         self.bytes_up += wire_bytes(frames)
         if self.link is not None:
             self._sleep(self.link.transfer_s(wire_bytes(frames)))  # the request's way up
-        sock.send_multipart([request_id] + frames, copy=False)
+        self._put(sock, [request_id] + frames)
         return request_id
+
+    def _put(self, sock, frames):
+        """Send ``frames``, waiting at most timeout_s for a connection to take them. A plain send can block
+        for good: a DEALER whose connection the cloud refused at the CURVE handshake has no pipe left to
+        queue on, and the refusal itself is only in the monitor, which the wait here reads."""
+        deadline = time.monotonic() + self.timeout_s
+        monitor = self._monitors[sock]
+        while True:
+            try:
+                return sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+            if self._cancel.is_set():
+                raise Cancelled("the generation was cancelled")
+            reason = self._refused(monitor)
+            if reason:
+                raise CloudRefused(f"the cloud at {self.connect} refused this edge: {reason}")
+            if time.monotonic() >= deadline:
+                raise CloudUnavailable(f"could not send to the cloud at {self.connect} within {self.timeout_s:g} s: "
+                                       "is `latentwire cloud` running there, and reachable?")
+            monitor.poll(POLL_MS)  # a refusal wakes this at once
 
     def _await(self, sock, request_id, kind=wire.Handoff):
         """The reply to request_id (a wire.Handoff, or ``kind``), previews passed to on_preview on the way.
